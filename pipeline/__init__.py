@@ -1,0 +1,1 @@
+"""xlpipe stages: prepare, train, evaluate, export, generate (each ``python -m pipeline.<stage>``)."""

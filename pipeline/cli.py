@@ -1,0 +1,29 @@
+"""``xlpipe <stage> [args]``: one console script over the ``python -m pipeline.<stage>`` entries."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> module whose main(argv) runs it
+STAGES = {
+    "prepare": "pipeline.prepare",
+    "train": "pipeline.train",
+    "evaluate": "pipeline.evaluate",
+    "export": "pipeline.export",
+    "generate": "pipeline.generate",
+    "import-reference": "pipeline.import_reference",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        names = ", ".join(STAGES)
+        print(f"usage: xlpipe <stage> [args]\nstages: {names}", file=sys.stderr if argv else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(STAGES[argv[0]])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

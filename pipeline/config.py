@@ -1,0 +1,133 @@
+"""One typed schema for every stage: dataclasses + YAML + dotted ``key=value`` overrides.
+
+``load_config("configs/tiny.yaml", ["train.max_steps=10"])`` returns a ``Config``.
+OmegaConf checks the YAML and the overrides against the dataclasses, so an unknown key
+or a value of the wrong type is an error that names the key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import field
+from pathlib import Path
+from typing import Any, List, Literal, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class DataConfig:
+    corpus: Literal["wt103", "lm1b", "enwik8", "text8", "ptb", "text", "stdlib"] = "stdlib"
+    path: str = ""                   # raw corpus: a directory, a file, or globs (text corpus)
+    output: str = "shards"           # shard directory written by prepare, read by every later stage
+    workers: int = 1                 # tokenizer processes in prepare
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    kind: Literal["word", "char", "byte", "sentencepiece"] = "word"
+    vocab_size: int = 8000           # sentencepiece only
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output: str = "runs/default"     # checkpoints and run files
+    seed: int = 1111
+    n_streams: int = 8               # global number of streams, independent of world size
+    tgt_len: int = 128
+    micro_batches: int = 1           # gradient accumulation: each micro-batch has its own streams and memory
+    max_steps: int = 100
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    split: str = "valid"
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    experiment: str = "xlpipe"
+    uri: str = ""                    # "": $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    where = f" at key '{key}'" if key else ""
+    return ConfigError(f"{source}{where}: {msg}")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults, then the YAML file, then dotted overrides (last wins)."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"override {item!r}") from None
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 0.00025, ...}`` for tracking params."""
+    out: dict[str, Any] = {}
+    items = to_dict(cfg).items() if dataclasses.is_dataclass(cfg) else cfg.items()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """The common ``--config FILE [key=value ...]`` command line of every stage."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=description)
+    parser.add_argument("--config", required=True, help="YAML file in configs/")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> tuple[Config, argparse.Namespace]:
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return cfg, args
