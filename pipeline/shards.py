@@ -1,0 +1,366 @@
+"""Token shards and their manifest (DESIGN.md contract 1).
+
+A split is an ordered list of webdataset tars ``{split}/shard-%06d.tar``. Shard ``i`` holds the
+tokens of input unit ``i`` (a deterministic slice of the corpus, see ``pipeline.prepare``) as
+consecutive chunks of ``chunk_tokens`` ids (the unit's last chunk is shorter; chunks of sentence
+corpora end on sentence boundaries). A sample is ``{__key__: "<shard>_<chunk>", "tokens.npy"}``
+plus ``"starts.npy"`` (sentence start offsets within the chunk) for sentence corpora; ``.npy`` of
+uint16 when the vocabulary fits, else uint32 — never pickle.
+
+Tars are written deterministically (fixed mtime/owner/order) and atomically, so the same unit
+always yields the same bytes whichever worker, task or run wrote it. ``manifest.json`` lists, per
+split, every shard with its token count, chunk sizes, chunk CRC32s, byte size and sha256. Readers
+check sizes on open and each chunk's CRC32 and length when they read it, and name the shard in
+every error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "xlpipe-shards"
+VERSION = 1
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest that is missing, truncated, corrupt or does not match the manifest."""
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/shard-{index:06d}.tar"
+
+
+def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(bufsize):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclasses.dataclass
+class ShardInfo:
+    file: str                 # relative to the shard directory, e.g. "train/shard-000003.tar"
+    tokens: int
+    samples: int
+    bytes: int
+    sha256: str
+    chunks: list[int]         # token count of each chunk, in order
+    crc32: list[int]          # zlib.crc32 of each chunk's token bytes
+    sentences: int = 0        # sentence corpora: sentences starting in this shard
+
+
+@dataclasses.dataclass
+class SplitInfo:
+    shards: list[ShardInfo]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+
+@dataclasses.dataclass
+class Manifest:
+    corpus: str
+    tokenizer: dict           # kind, file, sha256, vocab_size, special {name: id}
+    dtype: str
+    chunk_tokens: int
+    sentences: bool           # True: samples carry starts.npy (shuffled-sentence streams)
+    splits: dict[str, SplitInfo]
+    options: dict = dataclasses.field(default_factory=dict)  # corpus/tokenizer options that shaped the tokens
+
+    def to_json(self) -> dict:
+        out = {"format": FORMAT, "version": VERSION}
+        out.update(dataclasses.asdict(self))
+        for name, split in self.splits.items():
+            out["splits"][name]["total_tokens"] = split.total_tokens
+        return out
+
+    def save(self, shard_dir: str | Path) -> None:
+        atomic_write_json(Path(shard_dir) / MANIFEST, self.to_json())
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def load(cls, shard_dir: str | Path) -> "Manifest":
+        path = Path(shard_dir) / MANIFEST
+        if not path.is_file():
+            raise ShardError(f"{path} does not exist; run `python -m pipeline.prepare --config ...` "
+                             f"(and its merge step after a job array) to write the shards first")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"{path} is not valid JSON: {exc}") from None
+        if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+            raise ShardError(f"{path}: format {raw.get('format')!r} version {raw.get('version')!r}, "
+                             f"expected {FORMAT!r} version {VERSION}")
+        try:
+            splits = {
+                name: SplitInfo([ShardInfo(**s) for s in split["shards"]])
+                for name, split in raw["splits"].items()
+            }
+            return cls(corpus=raw["corpus"], tokenizer=raw["tokenizer"], dtype=raw["dtype"],
+                       chunk_tokens=raw["chunk_tokens"], sentences=raw["sentences"], splits=splits,
+                       options=raw.get("options", {}))
+        except (KeyError, TypeError) as exc:
+            raise ShardError(f"{path}: malformed manifest ({exc!r})") from None
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ShardError(f"split {name!r} is not in the manifest; it has {sorted(self.splits)}")
+        return self.splits[name]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0          # fixed metadata: the same tokens give the same bytes
+    info.mode = 0o444
+    info.uname = info.gname = "xlpipe"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(shard_dir: str | Path, split: str, index: int, tokens: np.ndarray, chunk_tokens: int,
+                dtype: str, sentence_starts: Optional[np.ndarray] = None) -> ShardInfo:
+    """Write one unit's tokens as shard ``index`` of ``split``, atomically.
+
+    ``sentence_starts`` (sorted offsets into ``tokens``) makes chunks end on sentence boundaries
+    and stores each chunk's starts; a sentence longer than ``chunk_tokens`` gets a chunk of its own.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) > np.iinfo(dtype).max:
+        raise ValueError(f"{shard_name(split, index)}: token id {int(tokens.max())} does not fit {dtype}")
+    tokens = tokens.astype(dtype, copy=False)
+    bounds = _chunk_bounds(len(tokens), chunk_tokens, sentence_starts)
+
+    buf = io.BytesIO()
+    chunks, crcs = [], []
+    # Plain tarfile in USTAR with fixed metadata; webdataset reads it as a shard like any other.
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for c, (lo, hi) in enumerate(bounds):
+            key = f"{index:06d}_{c:06d}"
+            chunk = tokens[lo:hi]
+            _add(tar, f"{key}.tokens.npy", _npy_bytes(chunk))
+            if sentence_starts is not None:
+                starts = sentence_starts[(sentence_starts >= lo) & (sentence_starts < hi)] - lo
+                _add(tar, f"{key}.starts.npy", _npy_bytes(starts.astype(np.uint32)))
+            chunks.append(int(hi - lo))
+            crcs.append(zlib.crc32(chunk.tobytes()))
+    data = buf.getvalue()
+    rel = shard_name(split, index)
+    atomic_write_bytes(Path(shard_dir) / rel, data)
+    return ShardInfo(file=rel, tokens=int(len(tokens)), samples=len(bounds), bytes=len(data),
+                     sha256=hashlib.sha256(data).hexdigest(), chunks=chunks, crc32=crcs,
+                     sentences=0 if sentence_starts is None else int(len(sentence_starts)))
+
+
+def _chunk_bounds(n: int, chunk_tokens: int, starts: Optional[np.ndarray]) -> list[tuple[int, int]]:
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if starts is None:
+        return [(lo, min(lo + chunk_tokens, n)) for lo in range(0, n, chunk_tokens)]
+    # Greedy: as many whole sentences as fit; cut only at sentence starts.
+    bounds, lo = [], 0
+    while n - lo > chunk_tokens:
+        cut = _last_start_before(starts, lo, lo + chunk_tokens)
+        if cut is None:
+            break
+        bounds.append((lo, cut))
+        lo = cut
+    if lo < n:
+        bounds.append((lo, n))
+    return bounds
+
+
+def _last_start_before(starts: np.ndarray, lo: int, limit: int) -> Optional[int]:
+    """The last sentence start in (lo, limit], or the first start after lo when none fits."""
+    i = int(np.searchsorted(starts, limit, side="right")) - 1
+    if i >= 0 and starts[i] > lo:
+        return int(starts[i])
+    j = int(np.searchsorted(starts, lo, side="right"))
+    return int(starts[j]) if j < len(starts) else None
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class ShardReader:
+    """Random access to the chunks of one shard, verified against its manifest entry."""
+
+    def __init__(self, shard_dir: str | Path, info: ShardInfo, dtype: str, sentences: bool = False):
+        self.path = Path(shard_dir) / info.file
+        self.info = info
+        self.dtype = np.dtype(dtype)
+        if not self.path.is_file():
+            raise ShardError(f"shard {self.path} is missing (listed in the manifest)")
+        size = self.path.stat().st_size
+        if size != info.bytes:
+            raise ShardError(f"shard {self.path} has {size} bytes, the manifest says {info.bytes}: "
+                             f"truncated or rewritten; re-run prepare with --force")
+        self._members: dict[str, tuple[int, int]] = {}
+        try:
+            with tarfile.open(self.path, mode="r:") as tar:
+                for m in tar:
+                    self._members[m.name] = (m.offset_data, m.size)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ShardError(f"shard {self.path} is not a readable tar: {exc}") from None
+        expect = info.samples * (2 if sentences else 1)
+        if len(self._members) != expect:
+            raise ShardError(f"shard {self.path} has {len(self._members)} members, expected {expect}")
+        self._file = open(self.path, "rb")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _read(self, name: str) -> np.ndarray:
+        if name not in self._members:
+            raise ShardError(f"shard {self.path} has no member {name}")
+        offset, size = self._members[name]
+        self._file.seek(offset)
+        raw = self._file.read(size)
+        if len(raw) != size:
+            raise ShardError(f"shard {self.path}: member {name} is truncated")
+        try:
+            return np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ShardError(f"shard {self.path}: member {name} is not a valid .npy ({exc})") from None
+
+    def chunk(self, c: int) -> np.ndarray:
+        key = f"{Path(self.info.file).stem.split('-')[-1]}_{c:06d}"
+        arr = self._read(f"{key}.tokens.npy")
+        if arr.dtype != self.dtype or arr.ndim != 1 or len(arr) != self.info.chunks[c]:
+            raise ShardError(f"shard {self.path}: chunk {c} is {arr.dtype}[{len(arr)}], "
+                             f"the manifest says {self.dtype}[{self.info.chunks[c]}]")
+        if zlib.crc32(arr.tobytes()) != self.info.crc32[c]:
+            raise ShardError(f"shard {self.path}: chunk {c} fails its CRC32 check (corrupt shard); "
+                             f"re-run prepare with --force")
+        return arr
+
+    def starts(self, c: int) -> np.ndarray:
+        key = f"{Path(self.info.file).stem.split('-')[-1]}_{c:06d}"
+        return self._read(f"{key}.starts.npy")
+
+
+def verify_shard(shard_dir: str | Path, info: ShardInfo) -> None:
+    """Full check: size and sha256 (prepare uses it to skip finished shards)."""
+    path = Path(shard_dir) / info.file
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing")
+    if path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
+        raise ShardError(f"shard {path} does not match its recorded sha256/size")
+
+
+class SplitTokens:
+    """Tokens ``[lo, hi)`` of a split by global offset, read chunk by chunk from its shards.
+
+    Keeps a few decoded chunks cached, so sequential readers (streams) touch each chunk once;
+    never loads the whole split.
+    """
+
+    def __init__(self, shard_dir: str | Path, manifest: Manifest, split: str, cache_chunks: int = 4):
+        self.shard_dir = Path(shard_dir)
+        self.manifest = manifest
+        self.info = manifest.split(split)
+        self.split = split
+        starts = []  # (global offset of chunk, shard index, chunk index)
+        offset = 0
+        for s, shard in enumerate(self.info.shards):
+            for c, n in enumerate(shard.chunks):
+                starts.append(offset)
+                offset += n
+        self.total = offset
+        self._chunk_start = np.asarray(starts + [offset], dtype=np.int64)
+        self._chunk_loc = [(s, c) for s, shard in enumerate(self.info.shards) for c in range(len(shard.chunks))]
+        self._readers: dict[int, ShardReader] = {}
+        self._cache: dict[int, np.ndarray] = {}
+        self._cache_chunks = max(1, cache_chunks)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+        self._cache.clear()
+
+    def _reader(self, s: int) -> ShardReader:
+        if s not in self._readers:
+            self._readers[s] = ShardReader(self.shard_dir, self.info.shards[s], self.manifest.dtype,
+                                           self.manifest.sentences)
+        return self._readers[s]
+
+    def chunk_index(self, offset: int) -> int:
+        return int(np.searchsorted(self._chunk_start, offset, side="right")) - 1
+
+    def chunk(self, k: int) -> np.ndarray:
+        arr = self._cache.get(k)
+        if arr is None:
+            s, c = self._chunk_loc[k]
+            arr = self._reader(s).chunk(c)
+            if len(self._cache) >= self._cache_chunks:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[k] = arr
+        return arr
+
+    def read(self, lo: int, hi: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Tokens [lo, hi) as one array (copied into ``out`` when given)."""
+        if not 0 <= lo <= hi <= self.total:
+            raise IndexError(f"{self.split}: token range [{lo}, {hi}) outside [0, {self.total})")
+        if out is None:
+            out = np.empty(hi - lo, dtype=self.manifest.dtype)
+        pos, k = lo, self.chunk_index(lo) if hi > lo else 0
+        while pos < hi:
+            arr = self.chunk(k)
+            base = int(self._chunk_start[k])
+            take = min(hi, base + len(arr)) - pos
+            out[pos - lo: pos - lo + take] = arr[pos - base: pos - base + take]
+            pos += take
+            k += 1
+        return out
+
+    def iter_chunks(self) -> Iterator[np.ndarray]:
+        for k in range(len(self._chunk_loc)):
+            yield self.chunk(k)
