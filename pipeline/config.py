@@ -36,10 +36,43 @@ class TokenizerConfig:
 class TrainConfig:
     output: str = "runs/default"     # checkpoints and run files
     seed: int = 1111
-    n_streams: int = 8               # global number of streams, independent of world size
-    tgt_len: int = 128
-    micro_batches: int = 1           # gradient accumulation: each micro-batch has its own streams and memory
     max_steps: int = 100
+
+    # Streams (DESIGN.md contract 2): global and fixed, independent of the world size.
+    n_streams: int = 8               # batch rows = streams; each rank owns n_streams / world
+    tgt_len: int = 128
+    micro_batches: int = 1           # gradient accumulation: each micro-batch owns its streams and memory
+    roll: bool = True                # per-epoch random cyclic shift of every stream (NVIDIA's --roll)
+
+    # Optimisation.
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 2.5e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.99           # sgd (Al-Rfou et al. used 0.99)
+    schedule: Literal["cosine", "inv_sqrt", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr (reference PyTorch 0, TF 0.01)
+    clip: float = 0.25               # global grad-norm clip; 0 disables
+    fused_optimizer: bool = True     # on CUDA: DeepSpeed's (or apex's) fused Adam/AdamW
+
+    # Precision and ZeRO.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0
+    fp16_initial_scale_power: int = 16
+    fp16_loss_scale_window: int = 1000
+    fp16_hysteresis: int = 2
+    fp16_min_loss_scale: float = 1.0
+
+    # Loop, validation, checkpoints.
+    log_every: int = 10
+    eval_every: int = 0              # 0: no periodic validation
+    eval_tgt_len: int = 0            # 0: tgt_len; memory is extended to keep tgt_len + mem_len (reference)
+    eval_max_steps: int = 0          # 0: the whole valid split
+    save_every: int = 0              # 0: only at the end and on preemption
+    keep_last: int = 3
+    resume: bool = True              # continue from output/latest when it exists
 
 
 @dataclasses.dataclass
