@@ -23,13 +23,35 @@ class DataConfig:
     corpus: Literal["wt103", "lm1b", "enwik8", "text8", "ptb", "text", "stdlib"] = "stdlib"
     path: str = ""                   # raw corpus: a directory, a file, or globs (text corpus)
     output: str = "shards"           # shard directory written by prepare, read by every later stage
-    workers: int = 1                 # tokenizer processes in prepare
+    workers: int = 1                 # tokenizer processes in prepare (0: every CPU this process may use)
+    # Input units and shards (pipeline/prepare.py): independent of workers and job-array tasks.
+    unit_bytes: int = 1 << 24        # raw bytes per input unit; shard i of a split = unit i's tokens
+    chunk_tokens: int = 1 << 20      # tokens per webdataset sample
+    errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8: error naming file+offset, or U+FFFD
+    # Corpus options (README "Corpora").
+    keep_newline: bool = True        # enwik8: keep byte 10 (the reference pipeline dropped it: false)
+    valid_bytes: int = 0             # enwik8/text8: 0 = the reference 5,000,000 (needs the 100,000,000-byte file)
+    test_bytes: int = 0              # enwik8/text8: as valid_bytes; test is the file's last test_bytes
+    valid_fraction: float = 0.02     # text/stdlib: share of documents in valid (stable hash of the path)
+    test_fraction: float = 0.02      # text/stdlib: share of documents in test
+    text_field: str = "text"         # text: JSONL key holding each document
+    lm1b_valid_shard: int = 1        # lm1b: heldout shard used as valid (00000 is the test set)
 
 
 @dataclasses.dataclass
 class TokenizerConfig:
     kind: Literal["word", "char", "byte", "sentencepiece"] = "word"
     vocab_size: int = 8000           # sentencepiece only
+    # word/char vocabularies (reference semantics: frequency order, ties in first-occurrence order)
+    lower_case: Optional[bool] = None  # None: the corpus's reference setting (ptb true, others false)
+    count_on: Literal["auto", "train", "all"] = "auto"  # auto: reference (wt103/text train; ptb/text8 all)
+    min_freq: int = 0                # drop counted symbols seen fewer times
+    max_size: int = 0                # keep at most this many counted symbols (0: all)
+    vocab_file: str = ""             # word: fixed vocabulary, first column per line (lm1b: 1b_word_vocab.txt)
+    # sentencepiece (byte_fallback, identity normalisation: decode(encode(x)) == x)
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    sample_bytes: int = 200_000_000  # cap on the train text sampled for training
+    character_coverage: float = 0.9995
 
 
 @dataclasses.dataclass
