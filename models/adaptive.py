@@ -1,0 +1,166 @@
+"""Adaptive input embeddings and the projected adaptive log-softmax (Baevski & Auli 2019;
+Grave et al. 2017), with the reference Transformer-XL's layout and semantics.
+
+Vocabulary ids are split by ``cutoffs`` into a head (shortlist) and tail clusters. Cluster i
+has its own table of width ``d_embed // div_val**i`` and a projection ``[d_proj, d_emb_i]``
+to the model width. The softmax head scores the shortlist plus one logit per tail cluster;
+a tail token's log-probability is ``head[cluster] + log_softmax(tail)[token]``. Tail cluster
+i (1-based) uses head column ``shortlist + i - 1``, i.e. ``cluster_weight`` row ``i - 1``: the
+TF code's and HF port's order (so the published TF/HF weights load as they are). The
+authors' PyTorch code (and NVIDIA's) read column ``-i`` instead, the same model up to the
+order of ``cluster_weight``/``cluster_bias`` rows: flip those rows when loading their state
+dicts. ``cutoffs=[]`` is a plain full softmax. Parameter names and shapes follow the
+reference (``emb_layers``, ``emb_projs``, ``out_layers``, ``out_projs``, ``cluster_weight``,
+``cluster_bias``) so weights can be tied and reference state dicts mapped one to one.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def check_cutoffs(n_token: int, cutoffs: List[int], div_val: int, d_embed: int) -> None:
+    if any(b <= a for a, b in zip([0] + cutoffs, cutoffs + [n_token])):
+        raise ValueError(f"model.cutoffs={cutoffs} must increase strictly within (0, n_token={n_token})")
+    if div_val < 1:
+        raise ValueError(f"model.div_val={div_val} must be >= 1")
+    if div_val > 1 and d_embed // div_val ** len(cutoffs) < 1:
+        raise ValueError(f"model.div_val={div_val} leaves the last cluster with width 0 (d_embed={d_embed})")
+
+
+class AdaptiveEmbedding(nn.Module):
+    """Token ids ``[...]`` -> ``[..., d_proj]``, scaled by sqrt(d_proj) (the reference's emb_scale)."""
+
+    def __init__(self, n_token: int, d_embed: int, d_proj: int, cutoffs: List[int], div_val: int = 1):
+        super().__init__()
+        check_cutoffs(n_token, cutoffs, div_val, d_embed)
+        self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
+        self.cutoff_ends = [0] + list(cutoffs) + [n_token]
+        self.emb_scale = d_proj ** 0.5
+        self.emb_layers = nn.ModuleList()
+        self.emb_projs = nn.ParameterList()
+        if div_val == 1:
+            self.emb_layers.append(nn.Embedding(n_token, d_embed))
+            if d_proj != d_embed:
+                self.emb_projs.append(nn.Parameter(torch.empty(d_proj, d_embed)))
+        else:
+            for i, (lo, hi) in enumerate(zip(self.cutoff_ends[:-1], self.cutoff_ends[1:])):
+                d_i = d_embed // div_val ** i
+                self.emb_layers.append(nn.Embedding(hi - lo, d_i))
+                self.emb_projs.append(nn.Parameter(torch.empty(d_proj, d_i)))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.div_val == 1:
+            out = self.emb_layers[0](ids)
+            if len(self.emb_projs):
+                out = F.linear(out, self.emb_projs[0])
+            return out * self.emb_scale
+        # Every cluster embeds every token (ids clamped into its range) and the right one is
+        # selected: a few extra small GEMMs instead of a data-dependent gather (a host sync).
+        out = None
+        for i, (lo, hi) in enumerate(zip(self.cutoff_ends[:-1], self.cutoff_ends[1:])):
+            emb = F.linear(self.emb_layers[i]((ids - lo).clamp(0, hi - lo - 1)), self.emb_projs[i])
+            out = emb if out is None else torch.where(((ids >= lo) & (ids < hi)).unsqueeze(-1), emb, out)
+        return out * self.emb_scale
+
+
+class ProjectedAdaptiveLogSoftmax(nn.Module):
+    """Hidden ``[N, d_proj]`` -> per-token NLL ``[N]`` in input order and/or log-probabilities
+    ``[N, n_token]``. Log-softmax runs in fp32 whatever the parameter dtype."""
+
+    def __init__(self, n_token: int, d_embed: int, d_proj: int, cutoffs: List[int], div_val: int = 1):
+        super().__init__()
+        check_cutoffs(n_token, cutoffs, div_val, d_embed)
+        self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
+        self.cutoffs = list(cutoffs)
+        self.cutoff_ends = [0] + list(cutoffs) + [n_token]
+        self.n_clusters = len(cutoffs)
+        self.shortlist_size = self.cutoff_ends[1]
+        self.head_size = self.shortlist_size + self.n_clusters
+        if self.n_clusters:
+            self.cluster_weight = nn.Parameter(torch.empty(self.n_clusters, d_embed))
+            self.cluster_bias = nn.Parameter(torch.empty(self.n_clusters))
+        self.out_layers = nn.ModuleList()
+        self.out_projs = nn.ParameterList()
+        if div_val == 1:
+            self.out_layers.append(nn.Linear(d_embed, n_token))
+            if d_proj != d_embed:
+                for _ in range(self.n_clusters + 1):
+                    self.out_projs.append(nn.Parameter(torch.empty(d_proj, d_embed)))
+        else:
+            for i, (lo, hi) in enumerate(zip(self.cutoff_ends[:-1], self.cutoff_ends[1:])):
+                d_i = d_embed // div_val ** i
+                self.out_projs.append(nn.Parameter(torch.empty(d_proj, d_i)))
+                self.out_layers.append(nn.Linear(d_i, hi - lo))
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _cluster(self, i: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Output weight, bias and projection of cluster i (0 = shortlist)."""
+        proj = self.out_projs[i] if len(self.out_projs) else None
+        if self.div_val == 1:
+            lo, hi = self.cutoff_ends[i], self.cutoff_ends[i + 1]
+            layer = self.out_layers[0]
+            return layer.weight[lo:hi], layer.bias[lo:hi], proj
+        return self.out_layers[i].weight, self.out_layers[i].bias, proj
+
+    @staticmethod
+    def _logits(h: Tensor, weight: Tensor, bias: Tensor, proj: Optional[Tensor]) -> Tensor:
+        if proj is not None:
+            h = F.linear(h, proj.t())
+        return F.linear(h, weight, bias)
+
+    def _head_logits(self, h: Tensor) -> Tensor:
+        w, b, proj = self._cluster(0)
+        if self.n_clusters:
+            w = torch.cat([w, self.cluster_weight], dim=0)
+            b = torch.cat([b, self.cluster_bias], dim=0)
+        return self._logits(h, w, b, proj)
+
+    # -- outputs --------------------------------------------------------------------------
+    def log_prob(self, h: Tensor) -> Tensor:
+        """Full log-probabilities ``[N, n_token]`` (fp32)."""
+        head = torch.log_softmax(self._head_logits(h).float(), dim=-1)
+        if not self.n_clusters:
+            return head
+        parts = [head[:, : self.shortlist_size]]
+        for i in range(1, self.n_clusters + 1):
+            tail = torch.log_softmax(self._logits(h, *self._cluster(i)).float(), dim=-1)
+            parts.append(tail + head[:, self.shortlist_size + i - 1].unsqueeze(1))
+        return torch.cat(parts, dim=1)
+
+    def nll(self, h: Tensor, target: Tensor) -> Tensor:
+        """``-log p(target)`` per row, ``[N]`` fp32, in input order.
+
+        Each tail is evaluated only on the rows whose target falls in it. That needs the
+        cluster sizes on the host: one synchronisation per call (none without cutoffs).
+        """
+        head_logits = self._head_logits(h).float()
+        if not self.n_clusters:
+            return F.cross_entropy(head_logits, target, reduction="none")
+        cluster = sum((target >= c).long() for c in self.cutoffs)  # 0 = shortlist
+        # Shortlist rows score their token; tail rows score their cluster's head column.
+        head_col = torch.where(cluster == 0, target, self.shortlist_size - 1 + cluster)
+        nll = F.cross_entropy(head_logits, head_col, reduction="none")
+        counts = torch.bincount(cluster, minlength=self.n_clusters + 1).tolist()
+        order = torch.argsort(cluster, stable=True)
+        start = counts[0]
+        for i in range(1, self.n_clusters + 1):
+            rows = order[start : start + counts[i]]
+            start += counts[i]
+            if rows.numel() == 0:
+                continue
+            tail_logits = self._logits(h.index_select(0, rows), *self._cluster(i)).float()
+            tail_target = target.index_select(0, rows) - self.cutoff_ends[i]
+            nll = nll.index_add(0, rows, F.cross_entropy(tail_logits, tail_target, reduction="none"))
+        return nll
+
+    def forward(self, h: Tensor, target: Optional[Tensor] = None, return_logprobs: bool = False):
+        """Returns ``(nll or None, logprobs or None)``."""
+        if return_logprobs:
+            logprobs = self.log_prob(h)
+            nll = None if target is None else -logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
+            return nll, logprobs
+        return (None if target is None else self.nll(h, target)), None

@@ -1,0 +1,170 @@
+"""Multi-head attention over [memory; segment] for the Transformer-XL family.
+
+Three position schemes share one module layout (fused ``qkv_net``, ``o_net``, residual +
+LayerNorm), so a state dict maps onto the reference's (``qkv_net.weight`` is
+``[3·n_head·d_head, d_model]``, rows ordered q | k | v):
+
+- ``RelPartialLearnableAttention``: Dai et al.'s four terms, (a) content + (c) global content
+  bias u = ``r_w_bias``, and (b) position + (d) global position bias v = ``r_r_bias`` over the
+  sinusoid R projected by ``r_net`` (reference attn_type 0).
+- ``RelLearnableAttention``: Shaw et al. learned ``r_emb`` with a per-distance ``r_bias`` and u
+  (reference attn_type 1).
+- ``AbsoluteAttention``: plain content attention; positions were added to the input
+  (reference attn_type 2).
+
+Tensors are batch first: hidden ``[B, q, d]``, memory ``[B, m, d]``, scores ``[B, H, q, k]``.
+Queries are projected from the segment only (the reference projects memory rows too and
+throws those queries away). The 1/sqrt(d_head) scale is folded into the queries, so the
+score tensor is touched only by add, mask and softmax. Nothing here synchronises with the
+host: masks are boolean tensors built without data-dependent branches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import layer_norm, linear
+from .positions import rel_shift
+
+
+def causal_mask(qlen: int, mlen: int, window: Optional[int] = None, device=None) -> Tensor:
+    """Boolean ``[qlen, mlen + qlen]``, True where query i may NOT look at key j.
+
+    Query i sits at window position ``mlen + i`` and sees keys ``j <= mlen + i``. With a
+    ``window`` (same_length) it sees only the last ``window`` of those, itself included.
+    """
+    i = torch.arange(qlen, device=device).unsqueeze(1) + mlen
+    j = torch.arange(mlen + qlen, device=device).unsqueeze(0)
+    mask = j > i
+    if window is not None:
+        mask = mask | (j <= i - window)
+    return mask
+
+
+def same_length_window(mem_len: int, keys: str) -> int:
+    """Keys per query under same_length: ``mem_len`` (reference PyTorch / HF, the default)
+    or ``mem_len + 1`` (NVIDIA / TF, which also lets query 0 see the oldest memory slot)."""
+    if keys == "mem_len":
+        return mem_len
+    if keys == "mem_len+1":
+        return mem_len + 1
+    raise ValueError(f"same_length_keys={keys!r}: choose 'mem_len' (reference) or 'mem_len+1' (NVIDIA/TF)")
+
+
+class _MemoryAttention(nn.Module):
+    """Shared projections, softmax and output block; subclasses add the position terms."""
+
+    def __init__(self, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float,
+                 pre_lnorm: bool = False):
+        super().__init__()
+        self.n_head, self.d_head = n_head, d_head
+        self.scale = 1.0 / math.sqrt(d_head)
+        self.pre_lnorm = pre_lnorm
+        self.qkv_net = linear(d_model, 3 * n_head * d_head, bias=False)
+        self.o_net = linear(n_head * d_head, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.dropatt = nn.Dropout(dropatt)
+        self.layer_norm = layer_norm(d_model)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """``[B, L, H·D]`` -> ``[B, H, L, D]`` (a view)."""
+        return x.unflatten(-1, (self.n_head, self.d_head)).transpose(1, 2)
+
+    def _project(self, h: Tensor, mem: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Scaled queries ``[B, H, q, D]`` from the segment, keys and values ``[B, H, k, D]``
+        from ``cat[mem, segment]`` (pre-LN normalises both, as the reference)."""
+        qlen = h.size(1)
+        no_mem = mem is None or mem.size(1) == 0
+        x = h if no_mem else torch.cat([mem, h], dim=1)
+        if self.pre_lnorm:
+            x = self.layer_norm(x)
+        hd = self.n_head * self.d_head
+        w = self.qkv_net.weight
+        if no_mem:
+            q, k, v = F.linear(x, w).split(hd, dim=-1)
+        else:
+            q = F.linear(x[:, -qlen:], w[:hd])
+            k, v = F.linear(x, w[hd:]).split(hd, dim=-1)
+        return self._heads(q * self.scale), self._heads(k), self._heads(v)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos_score: Optional[Tensor], mask: Tensor) -> Tensor:
+        """softmax(q·kᵀ + pos_score, masked) · v, returned as ``[B, q, H·D]``."""
+        score = torch.matmul(q, k.transpose(-1, -2))
+        if pos_score is not None:
+            score = score + pos_score
+        score = score.masked_fill(mask, float("-inf"))
+        # fp32 softmax for half precision; every row keeps >= 1 key (itself), so no NaN.
+        prob = torch.softmax(score, dim=-1, dtype=torch.float32).to(v.dtype)
+        prob = self.dropatt(prob)
+        out = torch.matmul(prob, v)
+        return out.transpose(1, 2).flatten(2)
+
+    def _output(self, h: Tensor, attn_vec: Tensor) -> Tensor:
+        out = self.drop(self.o_net(attn_vec))
+        return h + out if self.pre_lnorm else self.layer_norm(h + out)
+
+
+class RelPartialLearnableAttention(_MemoryAttention):
+    """Transformer-XL attention: ``(q+u)·k + rel_shift((q+v)·W_r R)``.
+
+    u, v are passed in (shared by all layers, the reference PyTorch code) unless the layer
+    owns them (``own_bias=True``: TF/HF ``untie_r``).
+    """
+
+    def __init__(self, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float,
+                 pre_lnorm: bool = False, own_bias: bool = False):
+        super().__init__(d_model, n_head, d_head, dropout, dropatt, pre_lnorm)
+        self.r_net = linear(d_model, n_head * d_head, bias=False)
+        if own_bias:
+            self.r_w_bias = nn.Parameter(torch.empty(n_head, d_head))
+            self.r_r_bias = nn.Parameter(torch.empty(n_head, d_head))
+        else:
+            self.r_w_bias = self.r_r_bias = None
+
+    def forward(self, h: Tensor, mem: Optional[Tensor], r: Tensor, mask: Tensor,
+                r_w_bias: Optional[Tensor] = None, r_r_bias: Optional[Tensor] = None) -> Tensor:
+        """h ``[B, q, d]``, mem ``[B, m, d]`` or None, r ``[m+q+1, d]`` encodings of distances
+        ``m+q .. 0`` (see positions.rel_shift), mask ``[q, m+q]`` bool."""
+        u = self.r_w_bias if self.r_w_bias is not None else r_w_bias
+        v_bias = self.r_r_bias if self.r_r_bias is not None else r_r_bias
+        q, k, v = self._project(h, mem)
+        r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, k+1]
+        ac_q = q + (u * self.scale).unsqueeze(1)
+        bd = rel_shift(torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k))
+        return self._output(h, self._attend(ac_q, k, v, bd, mask))
+
+
+class RelLearnableAttention(_MemoryAttention):
+    """Shaw et al. (2018) as the reference attn_type 1: ``(q+u)·k + rel_shift(q·r_emb + r_bias)``
+    with learned ``r_emb [max_klen, H, D]`` and ``r_bias [max_klen, H]``; row ``max_klen-1`` is
+    distance 0, row 0 the farthest, shared by every longer distance."""
+
+    def __init__(self, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float,
+                 max_klen: int, pre_lnorm: bool = False):
+        super().__init__(d_model, n_head, d_head, dropout, dropatt, pre_lnorm)
+        self.max_klen = max_klen
+        self.r_emb = nn.Parameter(torch.empty(max_klen, n_head, d_head))
+        self.r_bias = nn.Parameter(torch.empty(max_klen, n_head))
+        self.r_w_bias = nn.Parameter(torch.empty(n_head, d_head))
+
+    def forward(self, h: Tensor, mem: Optional[Tensor], dist: Tensor, mask: Tensor) -> Tensor:
+        """dist: ``[m+q+1]`` distances ``m+q .. 0`` (already clamped if clamp_len is set)."""
+        q, k, v = self._project(h, mem)
+        rows = (self.max_klen - 1 - dist.clamp(max=self.max_klen - 1)).long()
+        r_emb = self.r_emb.index_select(0, rows).permute(1, 2, 0)  # [H, D, k+1]
+        r_bias = self.r_bias.index_select(0, rows).t().unsqueeze(1) * self.scale  # [H, 1, k+1]
+        bd = rel_shift(torch.matmul(q, r_emb) + r_bias)
+        ac_q = q + (self.r_w_bias * self.scale).unsqueeze(1)
+        return self._output(h, self._attend(ac_q, k, v, bd, mask))
+
+
+class AbsoluteAttention(_MemoryAttention):
+    """Vaswani et al. content attention; absolute positions were added to the input."""
+
+    def forward(self, h: Tensor, mem: Optional[Tensor], mask: Tensor) -> Tensor:
+        q, k, v = self._project(h, mem)
+        return self._output(h, self._attend(q, k, v, None, mask))
