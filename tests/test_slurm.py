@@ -1,0 +1,111 @@
+"""Integration tier: pipeline.distributed under a real SLURM (munged + slurmctld + slurmd).
+
+The cluster comes from tests/slurm_harness.py (skips without the Debian packages unless
+XLPIPE_REQUIRE_SLURM=1). Each job runs the venv's python from the repo root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_harness import REPO, slurm_cluster  # noqa: F401  (session fixture)
+
+pytestmark = pytest.mark.slow
+PY = sys.executable
+
+
+def job_env() -> dict[str, str]:
+    # Jobs inherit the submitting environment (sbatch --export=ALL).
+    return {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def wait_files(paths, timeout: float = 90.0, cluster=None, job=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(p.exists() for p in paths):
+            return
+        if cluster is not None and cluster.job(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+            break
+        time.sleep(0.2)
+    missing = [str(p) for p in paths if not p.exists()]
+    out = cluster.job(job) if cluster is not None else {}
+    log = Path(out.get("StdOut", "")).read_text() if out.get("StdOut") and Path(out["StdOut"]).exists() else ""
+    raise AssertionError(f"missing {missing}; job {out.get('JobState')}; output:\n{log}")
+
+
+def test_srun_resolves_ranks_and_all_reduces(slurm_cluster, tmp_path):
+    out = tmp_path / "job.out"
+    job = slurm_cluster.sbatch(["-n", "2", f"--chdir={REPO}", f"--output={out}",
+                                "--wrap", f"srun {PY} -m pipeline.distributed"], env=job_env())
+    info = slurm_cluster.wait(job, timeout=120)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    reports = sorted((json.loads(line) for line in text.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1], text
+    # Independent expectations: SLURM's own node list and the documented port rule.
+    first = slurm_cluster.run(["scontrol", "show", "hostnames", info["NodeList"]]).stdout.split()[0]
+    for r in reports:
+        assert r["launcher"] == "srun"
+        assert r["world_size"] == 2 and r["local_rank"] == r["rank"]
+        assert r["slurm_job_id"] == job
+        assert r["master_addr"] == first
+        assert r["master_port"] == 20000 + int(job) % 20000
+        assert r["rank0_master"] == f"{first}:{r['master_port']}"
+        assert r["backend"] == "gloo"
+        assert r["all_reduce_sum"] == 1 + 2  # ranks contribute rank + 1
+    assert reports[0]["pid"] != reports[1]["pid"]
+
+
+def test_one_rank_signalled_both_stop_then_requeue(slurm_cluster, tmp_path):
+    """SIGUSR1 to rank 1 only: both ranks stop at the same step; rank 0 requeues; run 2 resumes."""
+    out = tmp_path / "job.out"
+    job = slurm_cluster.sbatch(["-n", "2", "--requeue", "--open-mode=append", f"--chdir={REPO}",
+                                f"--output={out}", "--wrap",
+                                f"srun {PY} tests/preempt_worker.py {tmp_path}"], env=job_env())
+    ready = [tmp_path / f"ready-{r}.json" for r in (0, 1)]
+    wait_files(ready, cluster=slurm_cluster, job=job)
+    pid1 = json.loads(ready[1].read_text())["pid"]
+    os.kill(pid1, signal.SIGUSR1)
+
+    stops = [tmp_path / f"stop-{r}.json" for r in (0, 1)]
+    wait_files(stops + [tmp_path / "requeue-0.json"], cluster=slurm_cluster, job=job)
+    s0, s1 = (json.loads(p.read_text()) for p in stops)
+    assert s0["step"] is not None and s0["step"] == s1["step"]  # agreed at one boundary
+    assert s1["received"] == "SIGUSR1" and s0["received"] is None  # only rank 1 was signalled
+    assert json.loads((tmp_path / "requeue-0.json").read_text())["requeued"] is True
+
+    # SLURM counts the requeue; the job waits (Reason=BeginTime) before it may start again.
+    info = slurm_cluster.wait(job, timeout=60, until=lambda i: i.get("Restarts") == "1"
+                              and i.get("JobState") == "PENDING")
+    slurm_cluster.release(job)
+    info = slurm_cluster.wait(job, timeout=120)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out.read_text()
+    for r in (0, 1):
+        resumed = json.loads((tmp_path / f"resumed-{r}.json").read_text())
+        assert resumed["restart_count"] == 1 and resumed["world_size"] == 2
+        assert resumed["ranks_seen"] == 2.0
+    assert "DUE TO JOB REQUEUE" in out.read_text()  # --open-mode=append kept the first run's log
+
+
+def test_scancel_signal_reaches_every_task_not_the_batch_shell(slurm_cluster, tmp_path):
+    """``scancel --signal=USR1`` (what ``--signal=USR1@N`` without B: does) reaches each srun task."""
+    out = tmp_path / "job.out"
+    # The batch shell would die on an unhandled USR1; it must survive and report the step's status.
+    job = slurm_cluster.sbatch(["-n", "2", f"--chdir={REPO}", f"--output={out}", "--wrap",
+                                f"srun {PY} tests/preempt_worker.py {tmp_path} --no-requeue; echo step-exit=$?"],
+                               env=job_env())
+    wait_files([tmp_path / f"ready-{r}.json" for r in (0, 1)], cluster=slurm_cluster, job=job)
+    slurm_cluster.run(["scancel", "--signal=USR1", job])
+    wait_files([tmp_path / f"stop-{r}.json" for r in (0, 1)], cluster=slurm_cluster, job=job)
+    stops = [json.loads((tmp_path / f"stop-{r}.json").read_text()) for r in (0, 1)]
+    assert [s["received"] for s in stops] == ["SIGUSR1", "SIGUSR1"]
+    assert stops[0]["step"] == stops[1]["step"]
+    info = slurm_cluster.wait(job, timeout=60)
+    assert info["JobState"] == "COMPLETED" and "step-exit=0" in out.read_text(), out.read_text()
