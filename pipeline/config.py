@@ -104,8 +104,12 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class TrackingConfig:
+    enabled: bool = True             # False: no MLflow at all (every tracking call is a no-op)
     experiment: str = "xlpipe"
     uri: str = ""                    # "": $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory
+    run_name: str = ""               # "": MLflow picks one
+    system_metrics: bool = True      # CPU/RAM/disk/network (+GPU with nvidia-ml-py) from rank 0
+    system_metrics_interval: float = 10.0  # seconds between samples
 
 
 @dataclasses.dataclass
