@@ -8,7 +8,11 @@ from typing import List, Literal, Optional
 
 @dataclasses.dataclass
 class VanillaConfig:
-    """Al-Rfou et al. (2019) deep character transformer: fixed windows, auxiliary losses."""
+    """Al-Rfou et al. (2019) deep character transformer: fixed windows, auxiliary losses.
+
+    The window L is ``ModelConfig.tgt_len``; the memory keeps the last ``min(mem_len, L - 1)``
+    input tokens (see models/vanilla.py for the loss weighting and evaluation).
+    """
 
     multi_position: bool = True      # predict at every position of the window, not only the last
     intermediate: bool = True        # per-layer losses, layer l stops after l/(2n) of training
