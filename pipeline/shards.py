@@ -365,6 +365,24 @@ class SplitTokens:
             k += 1
         return out
 
+    def sentence_starts(self, k: int) -> np.ndarray:
+        """Sentence start offsets (int64) within chunk ``k`` of a sentence corpus, checked to be
+        strictly increasing and inside the chunk (starts.npy carries no CRC of its own)."""
+        if not self.manifest.sentences:
+            raise ShardError(f"{self.split}: the manifest has sentences=false; chunks carry no starts.npy")
+        s, c = self._chunk_loc[k]
+        reader = self._reader(s)
+        starts = reader.starts(c)
+        n = self.info.shards[s].chunks[c]
+        if starts.ndim != 1 or starts.dtype.kind not in "iu":
+            raise ShardError(f"shard {reader.path}: chunk {c} starts.npy is {starts.dtype}{list(starts.shape)}, "
+                             f"expected a 1-D integer array")
+        starts = starts.astype(np.int64)
+        if len(starts) and (starts[0] < 0 or starts[-1] >= n or np.any(np.diff(starts) <= 0)):
+            raise ShardError(f"shard {reader.path}: chunk {c} starts.npy is not strictly increasing "
+                             f"inside [0, {n}) (corrupt shard); re-run prepare with --force")
+        return starts
+
     def iter_chunks(self) -> Iterator[np.ndarray]:
         for k in range(len(self._chunk_loc)):
             yield self.chunk(k)
