@@ -19,10 +19,12 @@ import re
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from pipeline.config import DataConfig
 from pipeline.shards import atomic_write_bytes
+
+if TYPE_CHECKING:  # the config module imports torch (via models); the text8 CLI does not need it
+    from pipeline.config import DataConfig
 
 SPLITS = ("train", "valid", "test")
 README = "README.md, section \"Corpora\""

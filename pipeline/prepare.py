@@ -14,12 +14,15 @@ Three steps, which a single run does in order:
 3. ``--stage merge`` (or ``--merge``): check that every shard exists and verifies, write
    ``manifest.json``.
 
-On SLURM, run step 1 once, then a job array where task t of T encodes a contiguous, disjoint
-range of units (``--task-id/--num-tasks``, by default from SLURM_ARRAY_TASK_ID/COUNT), then step 3:
+On SLURM, a job array where task t of T encodes a contiguous, disjoint range of units
+(``--task-id/--num-tasks``, by default from SLURM_ARRAY_TASK_ID/COUNT), then the merge:
 
-    python -m pipeline.prepare --config F --stage tokenizer          # one task, --workers = its CPUs
-    sbatch --array=0-7 ... python -m pipeline.prepare --config F     # array: stage shards implied
-    python -m pipeline.prepare --config F --merge                    # after the array succeeded
+    sbatch --array=0-7 ... python -m pipeline.prepare --config F     # stage shards implied
+    python -m pipeline.prepare --config F --merge                    # afterok the array
+
+Array task 0 builds a missing or stale tokenizer first while the others wait for it
+(``--tokenizer-wait``; they fail at once if task 0 fails). To keep the array from idling
+meanwhile, run ``--stage tokenizer`` as a job of its own before the array.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from pipeline.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenize
 
 log = logging.getLogger("xlpipe.prepare")
 STAMP = "tokenizer.build.json"
+FAILED = "tokenizer.failed.json"   # written by the task that failed to build it, read by waiting tasks
 STAGES = ("auto", "all", "tokenizer", "shards", "merge")
 
 
@@ -91,6 +95,8 @@ def resolve_tokenizer(tcfg: TokenizerConfig, corpus: Corpus) -> TokenizerSpec:
     if tcfg.kind == "char":
         return TokenizerSpec("char", count_on=count_on, min_freq=tcfg.min_freq, max_size=tcfg.max_size)
     vocab_file = tcfg.vocab_file or d.vocab_file
+    if vocab_file and not Path(vocab_file).is_file():
+        raise PrepareError(f"tokenizer.vocab_file={vocab_file!r} does not exist")
     return TokenizerSpec("word", lower_case=d.lower_case if tcfg.lower_case is None else tcfg.lower_case,
                          count_on=() if vocab_file else count_on, min_freq=tcfg.min_freq,
                          max_size=tcfg.max_size, specials=d.specials, eos=d.eos, bos=d.bos, unk=d.unk,
@@ -259,35 +265,63 @@ def _sample_lines(corpus: Corpus, units: list[Unit], cap: int):
                 yield line
 
 
+def _tokenizer_ready(out: Path, fp: str, workers: int) -> tuple[Optional[tuple[Tokenizer, dict]], str]:
+    """((tokenizer, manifest entry), "") when ``out`` holds a verified tokenizer built for ``fp``."""
+    try:
+        stamp = json.loads((out / STAMP).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, "missing"
+    if stamp.get("fingerprint") != fp:
+        return None, "built from other inputs or options"
+    if any(not (out / n).is_file() or sha256_file(out / n) != sha for n, sha in stamp["files"].items()):
+        return None, "changed after it was built (sha256 mismatch)"
+    return (read_tokenizer(out, threads=max(1, _cpus() // workers)), stamp["entry"]), ""
+
+
 def tokenizer_step(out: Path, corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Unit]], *,
-                   build: bool, force: bool, workers: int, progress: Optional[bool]) -> tuple[Tokenizer, dict]:
-    """The verified tokenizer of ``out``; built (or rebuilt when stale) only when ``build``."""
+                   build: bool, force: bool, workers: int, progress: Optional[bool],
+                   wait_s: float = 0.0) -> tuple[Tokenizer, dict]:
+    """The verified tokenizer of ``out``. When it is missing or stale: build it when ``build``,
+    else wait up to ``wait_s`` for the task that builds it (job-array task 0), then fail."""
     fp = tokenizer_fingerprint(corpus, spec, plan)
-    stamp_path = out / STAMP
-    reason = "missing"
-    if stamp_path.is_file() and not force:
-        stamp = json.loads(stamp_path.read_text())
-        if stamp.get("fingerprint") != fp:
-            reason = "built from other inputs or options"
-        elif any(not (out / n).is_file() or sha256_file(out / n) != sha for n, sha in stamp["files"].items()):
-            reason = "changed after it was built (sha256 mismatch)"
-        else:
-            return read_tokenizer(out, threads=max(1, _cpus() // workers)), stamp["entry"]
-    elif force:
-        reason = "rebuilt (--force)"
-    if not build:
-        raise PrepareError(f"the tokenizer in {out} is {reason}; build it first with "
-                           f"`python -m pipeline.prepare --config ... --stage tokenizer` (job-array tasks "
-                           f"only encode shards)")
-    log.info("tokenizer %s: building %s", reason, spec.kind)
-    t0 = time.perf_counter()
-    tok = build_tokenizer(corpus, spec, plan, workers, progress)
-    (out / MANIFEST).unlink(missing_ok=True)  # the old manifest no longer describes what follows
-    entry = save_tokenizer(tok, out)
-    atomic_write_json(stamp_path, {"fingerprint": fp, "files": entry["files"], "entry": entry})
-    log.info("tokenizer: %s, vocab size %d, special %s (%.1fs)", tok.kind, tok.vocab_size, tok.special(),
-             time.perf_counter() - t0)
-    return read_tokenizer(out, threads=max(1, _cpus() // workers)), entry
+    ready, reason = (None, "rebuilt (--force)") if force else _tokenizer_ready(out, fp, workers)
+    if ready:
+        return ready
+    failed = out / FAILED
+    if build:
+        log.info("tokenizer %s: building %s", reason, spec.kind)
+        failed.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        try:
+            tok = build_tokenizer(corpus, spec, plan, workers, progress)
+        except Exception as exc:  # tell the waiting array tasks, then fail ourselves
+            atomic_write_json(failed, {"fingerprint": fp, "job": os.environ.get("SLURM_ARRAY_JOB_ID", ""),
+                                       "error": str(exc)})
+            raise
+        (out / MANIFEST).unlink(missing_ok=True)  # the old manifest no longer describes what follows
+        entry = save_tokenizer(tok, out)
+        atomic_write_json(out / STAMP, {"fingerprint": fp, "files": entry["files"], "entry": entry})
+        log.info("tokenizer: %s, vocab size %d, special %s (%.1fs)", tok.kind, tok.vocab_size, tok.special(),
+                 time.perf_counter() - t0)
+        return read_tokenizer(out, threads=max(1, _cpus() // workers)), entry
+    started, deadline = time.time(), time.monotonic() + wait_s
+    if wait_s > 0:
+        log.info("tokenizer %s: waiting up to %.0fs for task 0 to build it", reason, wait_s)
+    while time.monotonic() < deadline:
+        time.sleep(min(5.0, max(0.05, wait_s / 100)))
+        try:
+            rec = json.loads(failed.read_text())
+            job = os.environ.get("SLURM_ARRAY_JOB_ID", "")
+            if rec.get("fingerprint") == fp and (failed.stat().st_mtime >= started - 1 or (job and rec.get("job") == job)):
+                raise PrepareError(f"task 0 failed to build the tokenizer: {rec.get('error')}")
+        except (OSError, json.JSONDecodeError):
+            pass
+        ready, reason = _tokenizer_ready(out, fp, workers)
+        if ready:
+            return ready
+    raise PrepareError(f"the tokenizer in {out} is {reason}; build it first with `python -m pipeline.prepare "
+                       f"--config ... --stage tokenizer` (or let job-array task 0 build it while the other "
+                       f"tasks wait, --tokenizer-wait seconds)")
 
 
 # ----------------------------------------------------------------------------- shards step
@@ -426,10 +460,14 @@ def _remove_stale(out: Path, plan: dict[str, list[Unit]]) -> None:
 
 
 def prepare(cfg: Config, *, workers: Optional[int] = None, task_id: int = 0, num_tasks: int = 1,
-            force: bool = False, stage: str = "auto", progress: Optional[bool] = None) -> Optional[Manifest]:
+            force: bool = False, stage: str = "auto", progress: Optional[bool] = None,
+            tokenizer_wait: float = 0.0) -> Optional[Manifest]:
     """Run prepare's steps for ``stage``; returns the manifest when the merge step ran.
 
-    ``auto``: everything for a single task, only shards for a job-array task.
+    ``auto``: everything for a single task, only shards for a job-array task. In the shards
+    stage, task 0 builds a missing or stale tokenizer and the other tasks wait up to
+    ``tokenizer_wait`` seconds for it. ``force`` rebuilds the tokenizer (stages all/tokenizer)
+    and this task's shards.
     """
     if stage not in STAGES:
         raise PrepareError(f"stage {stage!r} is unknown; choose one of {STAGES}")
@@ -449,8 +487,13 @@ def prepare(cfg: Config, *, workers: Optional[int] = None, task_id: int = 0, num
     spec = resolve_tokenizer(cfg.tokenizer, corpus)
     plan = corpus.plan()
 
-    tok, entry = tokenizer_step(out, corpus, spec, plan, build=stage in ("all", "tokenizer"), force=force,
-                                workers=workers, progress=progress)
+    if stage == "tokenizer" and task_id != 0:
+        log.info("task %d: the tokenizer is built by task 0 only", task_id)
+        return None
+    tok, entry = tokenizer_step(out, corpus, spec, plan, build=stage in ("all", "tokenizer") or
+                                (stage == "shards" and task_id == 0), force=force and stage in ("all", "tokenizer"),
+                                workers=workers, progress=progress,
+                                wait_s=tokenizer_wait if stage == "shards" else 0.0)
     if stage == "tokenizer":
         return None
     dtype = token_dtype(tok.vocab_size)
@@ -493,6 +536,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--task-id", type=int, default=None, help="job-array task (default SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--num-tasks", type=int, default=None, help="job-array size (default SLURM_ARRAY_TASK_COUNT)")
     parser.add_argument("--force", action="store_true", help="rebuild instead of verifying what exists")
+    parser.add_argument("--tokenizer-wait", type=float, default=6 * 3600.0,
+                        help="array tasks other than 0: seconds to wait for task 0 to build the tokenizer")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: when stderr is a terminal)")
     cfg, args = parse_args(parser, argv)
@@ -504,7 +549,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stage = "merge" if args.merge else args.stage
     try:
         prepare(cfg, workers=args.workers, task_id=task_id, num_tasks=num_tasks, force=args.force,
-                stage=stage, progress=args.progress)
+                stage=stage, progress=args.progress, tokenizer_wait=args.tokenizer_wait)
     except (CorpusError, TokenizerError, ShardError, PrepareError) as exc:
         log.error("%s", exc)
         return 1

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import string
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def test_job_array_and_merge_equal_a_single_run(tmp_path, corpus):
     single, array = tmp_path / "single", tmp_path / "array"
     prepare(cfg(single), workers=2)
     with pytest.raises(PrepareError, match="tokenizer in .* is missing.*--stage tokenizer"):
-        prepare(cfg(array), task_id=0, num_tasks=3)
+        prepare(cfg(array), task_id=1, num_tasks=3)  # only task 0 builds it; no wait asked
     assert prepare(cfg(array), stage="tokenizer", workers=2) is None
     for t in (2, 0):
         assert prepare(cfg(array), task_id=t, num_tasks=3, workers=1) is None
@@ -241,6 +242,41 @@ def test_job_array_and_merge_equal_a_single_run(tmp_path, corpus):
     prepare(cfg(array), task_id=1, num_tasks=3, workers=2)
     manifest = prepare(cfg(array), stage="merge")
     assert manifest is not None and tree_digest(array) == tree_digest(single)
+
+
+def test_array_tasks_wait_for_task_0_to_build_the_tokenizer(wt103, tmp_path):
+    import threading
+    out = tmp_path / "array"
+    errors = []
+
+    def task(t, *extra):
+        try:
+            prepare(wt103_cfg(wt103, out, *extra), task_id=t, num_tasks=2, workers=1, tokenizer_wait=60)
+        except Exception as exc:  # noqa: BLE001  (checked below)
+            errors.append(exc)
+
+    # task 0 fails to build (a vocabulary too large for the corpus): the waiting task fails too, soon
+    bad = ("tokenizer.kind=sentencepiece", "tokenizer.vocab_size=100000")
+    waiter = threading.Thread(target=task, args=(1, *bad))
+    waiter.start()
+    t0 = time.monotonic()
+    task(0, *bad)
+    waiter.join(30)
+    assert time.monotonic() - t0 < 30 and not waiter.is_alive()
+    assert isinstance(errors[0], TokenizerError) and "vocab_size=100000" in str(errors[0])
+    assert isinstance(errors[1], PrepareError) and "task 0 failed to build the tokenizer" in str(errors[1])
+    errors.clear()
+    # now task 1 starts first, waits, and goes on once task 0 has built it
+    waiter = threading.Thread(target=task, args=(1,))
+    waiter.start()
+    time.sleep(0.3)
+    task(0)
+    waiter.join(60)
+    assert not errors
+    single = tmp_path / "single"
+    prepare(wt103_cfg(wt103, single), workers=1)
+    prepare(wt103_cfg(wt103, out), stage="merge")
+    assert {k: v for k, v in tree_digest(out).items() if k != "tokenizer.failed.json"} == tree_digest(single)
 
 
 def test_task_ranges_are_disjoint_and_cover(wt103):
@@ -283,7 +319,7 @@ def test_tokenizer_mismatch(wt103, tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer.json does not match the sha256"):
         load_tokenizer(out)
     with pytest.raises(PrepareError, match="changed after it was built"):
-        prepare(wt103_cfg(wt103, out), task_id=0, num_tasks=2)
+        prepare(wt103_cfg(wt103, out), task_id=1, num_tasks=2)  # task 0 would rebuild it
     prepare(wt103_cfg(wt103, out), workers=1)  # a single run rebuilds it (same inputs: same bytes)
     assert tree_digest(out) == before
     # another tokenizer option: rebuilt, and every shard with it
