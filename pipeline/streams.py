@@ -267,6 +267,7 @@ class SegmentStreams:
         window = max(read_ahead or tokens.manifest.chunk_tokens, 4 * tgt_len)
         self._window = min(window, L + warm_tokens)
         self._rows = len(self.ids) // micro_batches
+        self._mb_ids = [tuple(self.micro_batch_ids(m)) for m in range(micro_batches)]
         self._buf = [np.empty((self._rows, self._window + 1), dtype=tokens.manifest.dtype)
                      for _ in range(micro_batches)]
         self._rel = [0] * micro_batches
@@ -326,7 +327,7 @@ class SegmentStreams:
             self._rel[m] = rel + n
             off += n
             self._next_mb = (m + 1) % self.micro_batches
-            return Batch(inputs, targets, m, tuple(self.micro_batch_ids(m)), warmup, int(ep.min()))
+            return Batch(inputs, targets, m, self._mb_ids[m], warmup, int(ep.min()))
         raise StopIteration
 
     def _mixed(self, m: int, why: str) -> None:
@@ -342,7 +343,7 @@ class SegmentStreams:
         L, T, end = lay.tokens_per_stream, lay.split_tokens, lay.epoch_end
         buf = self._buf[m]
         valid = None
-        for i, b in enumerate(self.micro_batch_ids(m)):
+        for i, b in enumerate(self._mb_ids[m]):
             j = m * self._rows + i
             o, e = int(self._off[j]), int(self._epoch[j])
             count = min(self._window, end - o) + 1            # stream tokens [o, o + count)
@@ -433,8 +434,11 @@ def open_streams(shard_dir: str | Path, split: str, *, n_streams: int, tgt_len: 
                  read_ahead: Optional[int] = None, manifest: Optional[Manifest] = None) -> SegmentStreams:
     """Rank ``rank``'s streams of ``split``; see the module docstring.
 
-    ``read_ahead`` is the per-stream window in tokens (default: the manifest's chunk size); the reader
-    holds ``n_streams / world_size × read_ahead`` tokens plus a few decoded chunks.
+    ``read_ahead`` is the per-stream window in tokens (default: the manifest's chunk size, capped at
+    the stream's length). The reader holds ``n_streams / world_size × read_ahead`` tokens plus four
+    decoded chunks. Chunks are CRC-checked whole, so a window much smaller than a chunk decodes each
+    chunk many times (measured: 8 streams of 2.5M uint32 tokens, 1M-token chunks: 130 M tokens/s at
+    the default, 26 M at 64K).
     """
     manifest = manifest or Manifest.load(shard_dir)
     manifest.split(split)                  # unknown split: error listing the known ones
