@@ -223,6 +223,14 @@ def init_distributed(timeout_s: float = 1800.0, verbose: bool = False) -> DistEn
     return env
 
 
+def shutdown() -> None:
+    """Leave the process group (after a barrier). Exiting with a live gloo group can abort
+    the interpreter ("terminate called without an active exception")."""
+    if is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -391,8 +399,7 @@ def self_check() -> dict:
         "expected_sum": env.world_size * (env.world_size + 1) / 2,
         "rank0_master": peers["master"], "host": socket.gethostname(), "pid": os.getpid(),
     }
-    barrier()
-    dist.destroy_process_group()
+    shutdown()
     return report
 
 

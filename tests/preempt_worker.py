@@ -26,8 +26,15 @@ def write(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(out: Path, requeue: bool = True, max_steps: int = 600) -> int:
+def main(out: Path, requeue: bool = True) -> int:
     env = distributed.init_distributed()
+    try:
+        return run(env, out, requeue)
+    finally:
+        distributed.shutdown()
+
+
+def run(env: distributed.DistEnv, out: Path, requeue: bool, max_steps: int = 600) -> int:
     rank = env.rank
     if env.restart_count > 0:
         total = distributed.all_reduce_sum(1.0)
