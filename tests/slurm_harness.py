@@ -16,6 +16,10 @@ Use from tests through the session fixture (import it into the test module)::
         info = slurm_cluster.wait(job)
         assert info["JobState"] == "COMPLETED"
 
+Running a cluster script (jobs inherit the submitting environment; submit from the repo root)::
+
+    job = slurm_cluster.sbatch([*SMALL_JOB, "cluster/train.sh", "configs/tiny.yaml"], cwd=REPO)
+
 By hand: ``python tests/slurm_harness.py start BASE`` prints the ``export SLURM_CONF=...`` line;
 ``python tests/slurm_harness.py stop BASE`` stops the daemons by their recorded PIDs.
 
@@ -41,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                    "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+# Header overrides that fit cluster/train.sh (8 GPUs per node by default) onto this test node.
+SMALL_JOB = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10")
 _FAKE_GPU_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")
 # Inherited from an enclosing job, these would leak into the test cluster's clients and jobs.
 _CLIENT_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
@@ -76,7 +82,8 @@ def _tail(path: Path, n: int = 30) -> str:
 class SlurmCluster:
     """One node ``localhost`` (127.0.0.1), partition ``debug``, ``cpus`` CPUs and ``gpus`` fake GPUs.
 
-    ``cpus`` may exceed the hardware (``SlurmdParameters=config_overrides``) so a few small
+    ``cpus`` (and the 256 GB of memory) may exceed the hardware (``SlurmdParameters=config_overrides``:
+    nothing is enforced without cgroups) so the cluster scripts' headers and a few small
     multi-task jobs fit at once on 2 cores; ``gpus`` declares a ``gpu`` GRES backed by harmless
     character devices (/dev/null, ...) so scripts with ``--gpus-per-node`` schedule here
     unchanged; CUDA stays unavailable, so jobs run on CPU with gloo.
@@ -141,7 +148,7 @@ class SlurmCluster:
             "SlurmdTimeout=60",
             "SchedulerParameters=sched_interval=2",
             *(["GresTypes=gpu"] if self.gpus else []),
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000{gres} State=UNKNOWN",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=256000{gres} State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         ]
         tmp = self.conf.with_suffix(".tmp")

@@ -109,3 +109,123 @@ def test_scancel_signal_reaches_every_task_not_the_batch_shell(slurm_cluster, tm
     assert stops[0]["step"] == stops[1]["step"]
     info = slurm_cluster.wait(job, timeout=60)
     assert info["JobState"] == "COMPLETED" and "step-exit=0" in out.read_text(), out.read_text()
+
+
+def test_requeue_refused_by_scontrol_is_logged(slurm_cluster, monkeypatch, caplog):
+    import logging
+
+    from pipeline import distributed
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    monkeypatch.delenv("RANK", raising=False)
+    with caplog.at_level(logging.ERROR, logger="pipeline.distributed"):
+        assert distributed.requeue("1") is False  # no such job on this cluster
+    assert "scontrol requeue 1 exited" in caplog.text and "Invalid job id" in caplog.text
+
+
+# ---------------------------------------------------------------------------- cluster/*.sh
+
+# Stands in for pipeline.train until that stage exists: the same CLI, then the self-check.
+STUB_STAGE = '''
+import json, os, sys
+from pipeline import distributed
+from pipeline.config import arg_parser
+args = arg_parser("train", "stub").parse_args()
+report = distributed.self_check()
+report.update(argv=sys.argv[1:], omp=os.environ.get("OMP_NUM_THREADS"), config=args.config,
+              overrides=args.overrides, python=sys.executable)
+print(json.dumps(report), flush=True)
+'''
+
+
+@pytest.fixture
+def stub_repo(tmp_path):
+    """A copy of cluster/ and pipeline/ whose pipeline.train is the stub above."""
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "cluster", root / "cluster")
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "models", root / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "pipeline" / "train.py").write_text(STUB_STAGE)
+    (root / "configs").mkdir()
+    (root / "configs" / "t.yaml").write_text("train:\n  max_steps: 2\n")
+    (root / "logs").mkdir()
+    return root
+
+
+def test_train_sh_runs_one_task_per_gpu(slurm_cluster, stub_repo):
+    from slurm_harness import SMALL_JOB
+
+    env = job_env() | {"XLPIPE_PYTHON": PY}
+    job = slurm_cluster.sbatch([*SMALL_JOB, "cluster/train.sh", "configs/t.yaml", "train.max_steps=3"],
+                               cwd=stub_repo, env=env)
+    info = slurm_cluster.wait(job, timeout=120)
+    log = stub_repo / "logs" / f"xlpipe-train-{job}.out"  # --output=logs/%x-%j.out
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert info["Requeue"] == "1"  # --requeue from the header
+    assert "=== xlpipe train" in text and "config configs/t.yaml  overrides: train.max_steps=3" in text
+    assert "  | train:" in text  # the config is printed at the start
+    assert "tasks 2 (2/node)" in text and "gpus/node 2" in text and "WARNING" not in text
+    reports = sorted((json.loads(line) for line in text.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1]
+    for r in reports:
+        assert r["launcher"] == "srun" and r["world_size"] == 2 and r["all_reduce_sum"] == 3
+        assert r["argv"] == ["--config", "configs/t.yaml", "train.max_steps=3"]
+        assert r["omp"] == "1" and r["python"] == PY  # --cpus-per-task=1, XLPIPE_PYTHON
+
+
+def test_mismatched_tasks_and_gpus_warn(slurm_cluster, stub_repo):
+    env = job_env() | {"XLPIPE_PYTHON": PY}
+    job = slurm_cluster.sbatch(["--ntasks-per-node=1", "--gpus-per-node=2", "--cpus-per-task=1",
+                                "cluster/train.sh", "configs/t.yaml"], cwd=stub_repo, env=env)
+    slurm_cluster.wait(job, timeout=120)
+    text = (stub_repo / "logs" / f"xlpipe-train-{job}.out").read_text()
+    assert "WARNING: 1 tasks per node but 2 GPUs per node" in text
+
+
+def test_missing_config_fails_fast(slurm_cluster, stub_repo):
+    job = slurm_cluster.sbatch(["--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+                                "cluster/train.sh", "configs/nope.yaml"], cwd=stub_repo, env=job_env())
+    info = slurm_cluster.wait(job, timeout=60)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0"
+    text = (stub_repo / "logs" / f"xlpipe-train-{job}.out").read_text()
+    assert "config file 'configs/nope.yaml' not found" in text
+
+
+def test_pipeline_sh_chains_all_stages(slurm_cluster, stub_repo):
+    """Submit the whole chain held (nothing runs); check the array and the afterok links."""
+    import subprocess
+
+    env = slurm_cluster.env | job_env() | {
+        "SBATCH_EXTRA": "--hold", "PREPARE_TASKS": "4", "PREPARE_THROTTLE": "2",
+        "TRAIN_SBATCH": "--ntasks-per-node=2 --gpus-per-node=2 --cpus-per-task=1"}
+    r = subprocess.run(["bash", "cluster/pipeline.sh", "configs/t.yaml", "train.max_steps=3"], cwd=stub_repo,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ids = dict(line.split()[:2] for line in r.stdout.splitlines() if line.split()[0] in
+               ("prepare", "merge", "train", "evaluate", "export"))
+    assert list(ids) == ["prepare", "merge", "train", "evaluate", "export"], r.stdout
+    try:
+        jobs = {name: slurm_cluster.job(i) for name, i in ids.items()}
+        assert jobs["prepare"]["ArrayTaskId"] == "0-3%2"
+        assert jobs["merge"]["Dependency"].startswith(f"afterok:{ids['prepare']}_*")
+        for stage, before in (("train", "merge"), ("evaluate", "train"), ("export", "evaluate")):
+            assert jobs[stage]["Dependency"].startswith(f"afterok:{ids[before]}"), jobs[stage]
+        assert jobs["merge"]["JobName"] == "xlpipe-merge" and jobs["train"]["JobName"] == "xlpipe-train"
+        assert jobs["train"]["NumTasks"] == "2" and jobs["train"]["Requeue"] == "1"
+        assert all(j["JobState"] == "PENDING" for j in jobs.values())
+        # The command lines the jobs will run (scontrol shows the script's arguments).
+        cmd = slurm_cluster.run(["scontrol", "show", "job", ids["merge"]]).stdout
+        assert "cluster/prepare.sh --merge configs/t.yaml train.max_steps=3" in cmd
+    finally:
+        slurm_cluster.run(["scancel", *ids.values()], check=False)
+
+
+def test_other_scripts_pass_sbatch_validation(slurm_cluster, stub_repo):
+    for script in ("evaluate.sh", "export.sh", "mlflow_server.sh", "prepare.sh"):
+        r = slurm_cluster.run(["sbatch", "--test-only", f"cluster/{script}", "configs/t.yaml"],
+                              cwd=stub_repo, check=False)
+        assert r.returncode == 0 and "to start at" in r.stderr, (script, r.stderr)
