@@ -31,6 +31,78 @@ def check_cutoffs(n_token: int, cutoffs: List[int], div_val: int, d_embed: int) 
         raise ValueError(f"model.div_val={div_val} leaves the last cluster with width 0 (d_embed={d_embed})")
 
 
+class _SegmentedNLL(torch.autograd.Function):
+    """NLL of rows scored against consecutive row ranges of one output matrix, fused.
+
+    Segment i scores its input rows ``xs[i]`` against ``weight[bounds[i]:bounds[i+1]]`` (the
+    first segment also against ``extra_weight``, the cluster logits) and returns each row's
+    ``logsumexp - logit[target]``. Compared with slicing the weight and calling
+    cross_entropy under autograd, the backward writes the gradient of the whole (tied)
+    weight once, slice by slice, instead of one zero-filled full-size tensor per slice,
+    and turns the saved exponentials into the logit gradient in place, so no extra
+    ``[rows, vocab]`` tensors are allocated. The softmax runs in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, extra_weight, extra_bias, bounds, targets, *xs):
+        saved, outs = [], []
+        for i, (x, target) in enumerate(zip(xs, targets)):
+            lo, hi = bounds[i], bounds[i + 1]
+            w, b = weight[lo:hi], bias[lo:hi]
+            if i == 0 and extra_weight is not None:
+                w, b = torch.cat([w, extra_weight]), torch.cat([b, extra_bias])
+            logits = torch.addmm(b, x, w.t()).float()
+            picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+            top = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place: the logits are not needed any more
+            total = exp.sum(dim=1)
+            outs.append(total.log() + top.squeeze(1) - picked)
+            saved.append(exp.div_(total.unsqueeze(1)))  # softmax, kept for the backward
+        ctx.bounds, ctx.n = bounds, len(xs)
+        ctx.has_extra = extra_weight is not None
+        ctx.save_for_backward(weight, extra_weight if ctx.has_extra else None, *targets, *xs, *saved)
+        ctx.used = False
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        if ctx.used:
+            raise RuntimeError("_SegmentedNLL: backward ran twice (its buffers are reused in place)")
+        ctx.used = True
+        n, bounds = ctx.n, ctx.bounds
+        weight, extra_weight, *rest = ctx.saved_tensors
+        targets, xs, probs = rest[:n], rest[n:2 * n], rest[2 * n:]
+        need_w, need_b, need_ew, need_eb = ctx.needs_input_grad[:4]
+        gw = torch.empty_like(weight) if need_w else None
+        gb = weight.new_empty(weight.size(0)) if need_b else None
+        gew = geb = None
+        gxs = []
+        for i in range(n):
+            lo, hi = bounds[i], bounds[i + 1]
+            g, p, x, t = grads[i], probs[i], xs[i], targets[i]
+            if g is None:
+                g = torch.zeros(x.size(0), dtype=p.dtype, device=p.device)
+            # d nll / d logits = (softmax - onehot) * g, built in the saved softmax buffer.
+            p.mul_(g.unsqueeze(1))
+            p.scatter_add_(1, t.unsqueeze(1), -g.unsqueeze(1).to(p.dtype))
+            p = p.to(x.dtype)
+            w = weight[lo:hi]
+            pw = p[:, : hi - lo]
+            if i == 0 and ctx.has_extra:
+                w = torch.cat([w, extra_weight])
+                if need_ew:
+                    gew = p[:, hi - lo:].t().mm(x)
+                if need_eb:
+                    geb = p[:, hi - lo:].sum(0)
+            gxs.append(p.mm(w) if ctx.needs_input_grad[6 + i] else None)
+            if gw is not None:
+                torch.mm(pw.t(), x, out=gw[lo:hi])
+            if gb is not None:
+                torch.sum(pw, dim=0, out=gb[lo:hi])
+        return (gw, gb, gew, geb, None, None, *gxs)
+
+
 class AdaptiveEmbedding(nn.Module):
     """Token ids ``[...]`` -> ``[..., d_proj]``, scaled by sqrt(d_proj) (the reference's emb_scale)."""
 
@@ -137,25 +209,39 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         Each tail is evaluated only on the rows whose target falls in it. That needs the
         cluster sizes on the host: one synchronisation per call (none without cutoffs).
         """
-        head_logits = self._head_logits(h).float()
         if not self.n_clusters:
-            return F.cross_entropy(head_logits, target, reduction="none")
+            return self._fused_nll(0, [h], [target])[0]
         cluster = sum((target >= c).long() for c in self.cutoffs)  # 0 = shortlist
         # Shortlist rows score their token; tail rows score their cluster's head column.
-        head_col = torch.where(cluster == 0, target, self.shortlist_size - 1 + cluster)
-        nll = F.cross_entropy(head_logits, head_col, reduction="none")
+        head_target = torch.where(cluster == 0, target, self.shortlist_size - 1 + cluster)
         counts = torch.bincount(cluster, minlength=self.n_clusters + 1).tolist()
         order = torch.argsort(cluster, stable=True)
-        start = counts[0]
-        for i in range(1, self.n_clusters + 1):
-            rows = order[start : start + counts[i]]
-            start += counts[i]
-            if rows.numel() == 0:
-                continue
-            tail_logits = self._logits(h.index_select(0, rows), *self._cluster(i)).float()
-            tail_target = target.index_select(0, rows) - self.cutoff_ends[i]
-            nll = nll.index_add(0, rows, F.cross_entropy(tail_logits, tail_target, reduction="none"))
+        rows = list(order.split(counts))[1:]
+        xs = [h] + [h.index_select(0, r) for r in rows]
+        targets = [head_target] + [target.index_select(0, r) - self.cutoff_ends[i + 1] for i, r in enumerate(rows)]
+        if self.div_val == 1:
+            parts = self._fused_nll(0, xs, targets)
+        else:
+            parts = [self._fused_nll(i, [x], [t])[0] for i, (x, t) in enumerate(zip(xs, targets))]
+        nll = parts[0]
+        for r, part in zip(rows, parts[1:]):
+            if r.numel():
+                nll = nll.index_add(0, r, part)
         return nll
+
+    def _fused_nll(self, layer: int, xs: List[Tensor], targets: List[Tensor]) -> List[Tensor]:
+        """NLL of each ``xs[i]`` against cluster ``layer + i``; div_val 1 scores all clusters
+        of the one shared output matrix in a single call."""
+        out = self.out_layers[layer]
+        projs = self.out_projs if len(self.out_projs) else None
+        xs = [x if projs is None else F.linear(x, projs[layer + i].t()) for i, x in enumerate(xs)]
+        if self.div_val == 1:
+            bounds = self.cutoff_ends[: len(xs) + 1]
+        else:
+            bounds = [0, out.weight.size(0)]
+        head = layer == 0 and self.n_clusters > 0
+        return list(_SegmentedNLL.apply(out.weight, out.bias, self.cluster_weight if head else None,
+                                        self.cluster_bias if head else None, bounds, targets, *xs))
 
     def forward(self, h: Tensor, target: Optional[Tensor] = None, return_logprobs: bool = False):
         """Returns ``(nll or None, logprobs or None)``."""

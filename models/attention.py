@@ -76,19 +76,17 @@ class _MemoryAttention(nn.Module):
 
     def _project(self, h: Tensor, mem: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Scaled queries ``[B, H, q, D]`` from the segment, keys and values ``[B, H, k, D]``
-        from ``cat[mem, segment]`` (pre-LN normalises both, as the reference)."""
-        qlen = h.size(1)
-        no_mem = mem is None or mem.size(1) == 0
-        x = h if no_mem else torch.cat([mem, h], dim=1)
-        if self.pre_lnorm:
-            x = self.layer_norm(x)
+        from ``cat[mem, segment]`` (pre-LN normalises both, as the reference).
+
+        Memory rows get their own GEMM for k and v only: no wasted queries, and no input
+        gradient is computed for them (memory never requires grad)."""
         hd = self.n_head * self.d_head
         w = self.qkv_net.weight
-        if no_mem:
-            q, k, v = F.linear(x, w).split(hd, dim=-1)
-        else:
-            q = F.linear(x[:, -qlen:], w[:hd])
-            k, v = F.linear(x, w[hd:]).split(hd, dim=-1)
+        q, kv = F.linear(self.layer_norm(h) if self.pre_lnorm else h, w).split([hd, 2 * hd], dim=-1)
+        if mem is not None and mem.size(1) > 0:
+            kv_mem = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w[hd:])
+            kv = torch.cat([kv_mem, kv], dim=1)
+        k, v = kv.split(hd, dim=-1)
         return self._heads(q * self.scale), self._heads(k), self._heads(v)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos_score: Optional[Tensor], mask: Tensor) -> Tensor:
