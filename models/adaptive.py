@@ -225,8 +225,9 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             parts = [self._fused_nll(i, [x], [t])[0] for i, (x, t) in enumerate(zip(xs, targets))]
         nll = parts[0]
         for r, part in zip(rows, parts[1:]):
-            if r.numel():
-                nll = nll.index_add(0, r, part)
+            # Empty clusters stay in the graph: every parameter gets a gradient each step
+            # (zeros here), which DDP and ZeRO expect.
+            nll = nll.index_add(0, r, part)
         return nll
 
     def _fused_nll(self, layer: int, xs: List[Tensor], targets: List[Tensor]) -> List[Tensor]:

@@ -1,0 +1,203 @@
+"""Adaptive input and projected adaptive softmax against a naive per-token formula."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import ModelConfig
+from models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from models.transformer_xl import TransformerXL
+
+V = 60
+CASES = [  # cutoffs, div_val, d_embed (d_proj is 16)
+    ([], 1, 16),
+    ([], 1, 12),
+    ([10, 30], 1, 16),
+    ([10, 30], 1, 12),
+    ([10, 30], 2, 16),
+    ([5, 20, 40], 4, 64),
+]
+
+
+def _randomise(module):
+    torch.manual_seed(3)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.4)
+    return module
+
+
+def naive_logprob(crit, h_row, token):
+    """log p(token) from the definition: shortlist softmax with one logit per tail cluster, then
+    the tail's own softmax. Tail cluster i is head column shortlist + i - 1 (TF/HF order)."""
+    ends = crit.cutoff_ends
+
+    def logits(i, x):
+        proj = crit.out_projs[i] if len(crit.out_projs) else None
+        if proj is not None:
+            x = x @ proj  # [d_proj] @ [d_proj, d_emb]
+        if crit.div_val == 1:
+            w, b = crit.out_layers[0].weight[ends[i]:ends[i + 1]], crit.out_layers[0].bias[ends[i]:ends[i + 1]]
+        else:
+            w, b = crit.out_layers[i].weight, crit.out_layers[i].bias
+        return w @ x + b
+
+    head = logits(0, h_row)
+    if crit.n_clusters:
+        proj = crit.out_projs[0] if len(crit.out_projs) else None
+        x0 = h_row if proj is None else h_row @ proj
+        head = torch.cat([head, crit.cluster_weight @ x0 + crit.cluster_bias])
+    head_lp = head - torch.logsumexp(head, 0)
+    cluster = sum(int(token >= c) for c in crit.cutoffs)
+    if cluster == 0:
+        return head_lp[token]
+    tail = logits(cluster, h_row)
+    return head_lp[ends[1] + cluster - 1] + (tail - torch.logsumexp(tail, 0))[token - ends[cluster]]
+
+
+@pytest.mark.parametrize("cutoffs,div_val,d_embed", CASES)
+def test_logprobs_normalised_and_match_definition(cutoffs, div_val, d_embed):
+    crit = _randomise(ProjectedAdaptiveLogSoftmax(V, d_embed, 16, cutoffs, div_val))
+    h = torch.randn(7, 16)
+    with torch.no_grad():
+        lp = crit.log_prob(h)
+        assert lp.shape == (7, V)
+        torch.testing.assert_close(lp.exp().sum(1), torch.ones(7), atol=1e-5, rtol=0)
+        for n in range(7):
+            for tok in (0, V - 1, 11, 35, 45):
+                torch.testing.assert_close(lp[n, tok], naive_logprob(crit, h[n], tok), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cutoffs,div_val,d_embed", CASES)
+def test_nll_in_input_order_with_gradients(cutoffs, div_val, d_embed):
+    crit = _randomise(ProjectedAdaptiveLogSoftmax(V, d_embed, 16, cutoffs, div_val))
+    torch.manual_seed(4)
+    h = torch.randn(40, 16, requires_grad=True)
+    target = torch.randint(0, V, (40,))
+    target[:6] = torch.tensor([0, V - 1, 25, 3, 59, 12])  # shortlist and tails interleaved
+    weights = torch.randn(40)
+
+    nll = crit.nll(h, target)
+    (nll * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in crit.named_parameters()}
+    got_h = h.grad.clone()
+
+    crit.zero_grad()
+    h.grad = None
+    ref = torch.stack([-naive_logprob(crit, h[n], int(target[n])) for n in range(40)])
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(nll, ref.detach(), atol=1e-5, rtol=1e-5)
+    for n, p in crit.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    torch.testing.assert_close(got_h, h.grad, atol=1e-5, rtol=1e-4)
+
+    # The same rows in another order give the same per-row values, permuted (keep_order).
+    perm = torch.randperm(40)
+    with torch.no_grad():
+        torch.testing.assert_close(crit.nll(h[perm], target[perm]), nll.detach()[perm], atol=1e-6, rtol=0)
+        # forward() with return_logprobs gives the same NLL through the dense path.
+        dense_nll, lp = crit(h, target, return_logprobs=True)
+        torch.testing.assert_close(dense_nll, nll.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(-lp.gather(1, target[:, None]).squeeze(1), nll.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_tail_cluster_gets_zero_gradient():
+    crit = _randomise(ProjectedAdaptiveLogSoftmax(V, 16, 16, [10, 30], 2))
+    h = torch.randn(5, 16)
+    target = torch.tensor([1, 2, 3, 12, 29])  # nothing in the last cluster [30, 60)
+    crit.nll(h, target).sum().backward()
+    # Every parameter gets a gradient (DDP/ZeRO expect no unused parameters), zero for the empty tail.
+    assert all(p.grad is not None for p in crit.parameters())
+    assert torch.count_nonzero(crit.out_layers[2].weight.grad) == 0
+    assert torch.count_nonzero(crit.out_projs[2].grad) == 0
+    assert torch.count_nonzero(crit.out_layers[1].weight.grad) > 0
+    # div_val 1: the shared output matrix's rows of the empty cluster get exact zeros.
+    crit1 = _randomise(ProjectedAdaptiveLogSoftmax(V, 16, 16, [10, 30], 1))
+    crit1.nll(h, target).sum().backward()
+    assert torch.count_nonzero(crit1.out_layers[0].weight.grad[30:]) == 0
+    assert torch.count_nonzero(crit1.out_layers[0].bias.grad[30:]) == 0
+
+
+def test_fused_backward_refuses_a_second_pass():
+    crit = _randomise(ProjectedAdaptiveLogSoftmax(V, 16, 16, [10], 1))
+    loss = crit.nll(torch.randn(4, 16, requires_grad=True), torch.tensor([1, 2, 20, 50])).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("cutoffs,div_val,d_embed", CASES)
+def test_adaptive_embedding_matches_per_token_lookup(cutoffs, div_val, d_embed):
+    emb = _randomise(AdaptiveEmbedding(V, d_embed, 16, cutoffs, div_val))
+    ids = torch.tensor([[0, 9, 10, 29], [30, 59, 5, 41]])
+    ends = [0] + cutoffs + [V]
+    with torch.no_grad():
+        out = emb(ids)
+        for (b, t), tok in zip([(b, t) for b in range(2) for t in range(4)], ids.flatten().tolist()):
+            i = 0 if div_val == 1 else sum(int(tok >= c) for c in cutoffs)
+            row = emb.emb_layers[i].weight[tok - (0 if div_val == 1 else ends[i])]
+            proj = emb.emb_projs[i] if len(emb.emb_projs) else None
+            ref = (row if proj is None else proj @ row) * math.sqrt(16)
+            torch.testing.assert_close(out[b, t], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_full_softmax_is_plain_log_softmax_with_tied_embedding():
+    cfg = ModelConfig(n_token=V, n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, cutoffs=[], dropout=0.0)
+    model = TransformerXL(cfg)
+    crit, emb = model.crit, model.word_emb
+    assert crit.out_layers[0].weight is emb.emb_layers[0].weight
+    h = torch.randn(5, 16)
+    with torch.no_grad():
+        ref = F.log_softmax(h @ emb.emb_layers[0].weight.t() + crit.out_layers[0].bias, dim=-1)
+        torch.testing.assert_close(crit.log_prob(h), ref, atol=1e-5, rtol=1e-5)
+
+
+def _model(**kw):
+    base = dict(n_token=V, n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32)
+    return TransformerXL(ModelConfig(**{**base, **kw}))
+
+
+def test_tied_weights_share_storage():
+    m = _model(cutoffs=[10, 30], div_val=2, tie_weight=True, tie_projs=[False, True, True])
+    for out, emb in zip(m.crit.out_layers, m.word_emb.emb_layers):
+        assert out.weight.data_ptr() == emb.weight.data_ptr()
+        assert out.bias.data_ptr() != emb.weight.data_ptr()  # biases are never tied
+    assert m.crit.out_projs[0].data_ptr() != m.word_emb.emb_projs[0].data_ptr()  # tie_projs[0] False
+    for i in (1, 2):
+        assert m.crit.out_projs[i].data_ptr() == m.word_emb.emb_projs[i].data_ptr()
+    # Shared parameters are counted once and appear once in the state dict's storage.
+    ptrs = {p.data_ptr() for p in m.parameters()}
+    assert len(ptrs) == len(list(m.parameters()))
+
+    untied = _model(cutoffs=[10, 30], div_val=2, tie_weight=False, tie_projs=[])
+    assert all(o.weight.data_ptr() != e.weight.data_ptr()
+               for o, e in zip(untied.crit.out_layers, untied.word_emb.emb_layers))
+    assert sum(p.numel() for p in untied.parameters()) > sum(p.numel() for p in m.parameters())
+
+
+def test_tie_projs_with_div_val_1_uses_the_one_embedding_projection():
+    m = _model(cutoffs=[10, 30], div_val=1, d_embed=12, tie_projs=[True, True, False])
+    emb_proj = m.word_emb.emb_projs[0].data_ptr()
+    assert [p.data_ptr() == emb_proj for p in m.crit.out_projs] == [True, True, False]
+
+
+def test_bad_cutoffs_and_tie_projs_are_named():
+    with pytest.raises(ValueError, match="cutoffs"):
+        AdaptiveEmbedding(V, 16, 16, [30, 10], 1)
+    with pytest.raises(ValueError, match="cutoffs"):
+        ProjectedAdaptiveLogSoftmax(V, 16, 16, [10, 60], 1)
+    with pytest.raises(ValueError, match="tie_projs"):
+        _model(cutoffs=[10, 30], tie_projs=[False, True])
+
+
+def test_half_precision_nll_is_finite_and_close():
+    crit = _randomise(ProjectedAdaptiveLogSoftmax(V, 16, 16, [10, 30], 2))
+    h = torch.randn(20, 16)
+    target = torch.randint(0, V, (20,))
+    with torch.no_grad():
+        ref = crit.nll(h, target)
+        low = crit.to(torch.bfloat16).nll(h.bfloat16(), target)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    torch.testing.assert_close(low, ref, atol=0.15, rtol=0.05)

@@ -1,0 +1,212 @@
+"""Relative positions, rel-shift, masks and the three attention modules against naive formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, causal_mask,
+                              same_length_window)
+from models.positions import rel_shift, relative_distances, sinusoid
+
+
+def naive_sinusoid(positions, d):
+    """Vaswani encodings with the reference's layout: all sines, then all cosines."""
+    rows = []
+    for p in positions:
+        freqs = [1.0 / 10000 ** (2 * k / d) for k in range(d // 2)]
+        rows.append([math.sin(p * f) for f in freqs] + [math.cos(p * f) for f in freqs])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_sinusoid_matches_formula():
+    pos = [0, 1, 5, 17, 400]
+    torch.testing.assert_close(sinusoid(torch.tensor(pos, dtype=torch.float32), 16), naive_sinusoid(pos, 16),
+                               atol=1e-5, rtol=0)
+
+
+def test_relative_distances_descending_and_clamped():
+    assert relative_distances(5).tolist() == [5, 4, 3, 2, 1, 0]
+    assert relative_distances(5, clamp_len=3).tolist() == [3, 3, 3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("qlen,mlen", [(1, 0), (4, 0), (4, 3), (3, 7), (6, 6)])
+def test_rel_shift_gives_distance_m_plus_i_minus_j(qlen, mlen):
+    klen = qlen + mlen
+    # table[b, h, i, d]: an arbitrary value per (row, distance); x lists distances klen..0 per row.
+    table = torch.randn(2, 3, qlen, klen + 1)
+    x = table.flip(-1)  # column c <-> distance klen - c
+    out = rel_shift(x)
+    assert out.shape == (2, 3, qlen, klen)
+    for i in range(qlen):
+        for j in range(mlen + i + 1):  # every unmasked (causal) entry
+            torch.testing.assert_close(out[:, :, i, j], table[:, :, i, mlen + i - j], rtol=0, atol=0)
+
+
+def test_rel_shift_accepts_permuted_leading_dims():
+    table = torch.randn(3, 2, 4, 9)  # [H, B, q, k+1] physically
+    x = table.flip(-1).contiguous().transpose(0, 1)  # logical [B, H, q, k+1], last two dims contiguous
+    out = rel_shift(x)
+    ref = rel_shift(x.contiguous())
+    mask = causal_mask(4, 4)
+    torch.testing.assert_close(out.masked_fill(mask, 0), ref.masked_fill(mask, 0), rtol=0, atol=0)
+
+
+def reference_mask(qlen, mlen, mem_len, same_length, keys):
+    """The reference constructions (kimiyoung/HF: mask_len = klen - mem_len; NVIDIA: - 1),
+    written as triu + tril of ones as they do; True = masked."""
+    klen = qlen + mlen
+    ones = torch.ones(qlen, klen)
+    mask = torch.triu(ones, diagonal=1 + mlen)
+    if same_length:
+        mask_len = klen - mem_len - (1 if keys == "mem_len+1" else 0)
+        shift = qlen - mask_len if mask_len > 0 else qlen
+        mask = mask + torch.tril(ones, -shift)
+    return mask.bool()
+
+
+@pytest.mark.parametrize("keys", ["mem_len", "mem_len+1"])
+@pytest.mark.parametrize("qlen,mlen,mem_len", [(4, 10, 10), (4, 0, 10), (4, 3, 10), (6, 6, 6), (3, 8, 5), (5, 2, 4)])
+def test_mask_matches_reference_construction(qlen, mlen, mem_len, keys):
+    assert torch.equal(causal_mask(qlen, mlen), reference_mask(qlen, mlen, mem_len, False, keys))
+    window = same_length_window(mem_len, keys)
+    assert torch.equal(causal_mask(qlen, mlen, window), reference_mask(qlen, mlen, mem_len, True, keys))
+
+
+def test_same_length_key_counts():
+    # q=4 queries after m=10 memory slots, mem_len 10: reference 10 keys each, NVIDIA/TF 11.
+    ref = (~causal_mask(4, 10, same_length_window(10, "mem_len"))).sum(1)
+    nv = (~causal_mask(4, 10, same_length_window(10, "mem_len+1"))).sum(1)
+    assert ref.tolist() == [10, 10, 10, 10]
+    assert nv.tolist() == [11, 11, 11, 11]
+    # Without same_length, query i sees all memory plus itself and earlier tokens.
+    assert (~causal_mask(4, 10)).sum(1).tolist() == [11, 12, 13, 14]
+    with pytest.raises(ValueError, match="same_length_keys"):
+        same_length_window(10, "mem")
+
+
+def _init(module):
+    torch.manual_seed(1)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)
+    return module.eval()
+
+
+def _naive_attention(module, h, mem, positional, mask):
+    """softmax over keys of content + positional score; positional(q_i, i, j) adds the rest."""
+    H, D = module.n_head, module.d_head
+    cat = h if mem is None else torch.cat([mem, h], 1)
+    w = module.qkv_net.weight
+    q = (h @ w[: H * D].t()).view(*h.shape[:2], H, D)
+    k = (cat @ w[H * D: 2 * H * D].t()).view(*cat.shape[:2], H, D)
+    v = (cat @ w[2 * H * D:].t()).view(*cat.shape[:2], H, D)
+    B, qlen, klen = h.size(0), h.size(1), cat.size(1)
+    score = torch.empty(B, H, qlen, klen)
+    for i in range(qlen):
+        for j in range(klen):
+            score[:, :, i, j] = positional(q[:, i], k[:, j], i, j)
+    score = score / math.sqrt(D)
+    score = score.masked_fill(mask, float("-inf"))
+    prob = score.softmax(-1)
+    vec = torch.einsum("bhij,bjhd->bihd", prob, v).reshape(B, qlen, H * D)
+    return module.layer_norm(h + vec @ module.o_net.weight.t())
+
+
+@pytest.mark.parametrize("mlen", [0, 3])
+def test_relative_attention_four_terms(mlen):
+    d, H, D, qlen = 12, 2, 5, 4
+    attn = _init(RelPartialLearnableAttention(d, H, D, dropout=0.0, dropatt=0.0, own_bias=True))
+    h, mem = torch.randn(2, qlen, d), (torch.randn(2, mlen, d) if mlen else None)
+    klen = qlen + mlen
+    R = naive_sinusoid(range(klen, -1, -1), d)  # distances klen..0
+    r_head = (R @ attn.r_net.weight.t()).view(klen + 1, H, D)
+    u, v = attn.r_w_bias, attn.r_r_bias
+
+    def positional(qi, kj, i, j):
+        dist = mlen + i - j
+        if dist < 0:
+            return torch.zeros(qi.shape[:2])
+        r = r_head[klen - dist]  # row of distance `dist`
+        return ((qi + u) * kj).sum(-1) + ((qi + v) * r).sum(-1)  # (a)+(c) and (b)+(d)
+
+    mask = causal_mask(qlen, mlen)
+    with torch.no_grad():
+        out = attn(h, mem, R, mask)
+        ref = _naive_attention(attn, h, mem, positional, mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_attention_shared_bias_is_passed_in():
+    attn = _init(RelPartialLearnableAttention(8, 2, 4, 0.0, 0.0, own_bias=False))
+    assert attn.r_w_bias is None and "r_w_bias" not in dict(attn.named_parameters())
+    h = torch.randn(1, 3, 8)
+    R = sinusoid(relative_distances(3), 8)
+    u, v = torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        a = attn(h, None, R, causal_mask(3, 0), u, v)
+        b = attn(h, None, R, causal_mask(3, 0), u, v + 1)
+    assert not torch.allclose(a, b)
+
+
+def test_shaw_attention_learned_relative_embeddings():
+    d, H, D, qlen, mlen, max_klen = 12, 2, 5, 4, 5, 6  # klen 9 > max_klen: far distances share row 0
+    attn = _init(RelLearnableAttention(d, H, D, 0.0, 0.0, max_klen=max_klen))
+    h, mem = torch.randn(2, qlen, d), torch.randn(2, mlen, d)
+    klen = qlen + mlen
+
+    def positional(qi, kj, i, j):
+        dist = mlen + i - j
+        if dist < 0:
+            return torch.zeros(qi.shape[:2])
+        row = max_klen - 1 - min(dist, max_klen - 1)
+        return ((qi + attn.r_w_bias) * kj).sum(-1) + (qi * attn.r_emb[row]).sum(-1) + attn.r_bias[row]
+
+    mask = causal_mask(qlen, mlen)
+    with torch.no_grad():
+        out = attn(h, mem, relative_distances(klen), mask)
+        ref = _naive_attention(attn, h, mem, positional, mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_absolute_attention_is_content_only():
+    attn = _init(AbsoluteAttention(12, 2, 5, 0.0, 0.0))
+    h, mem = torch.randn(2, 4, 12), torch.randn(2, 3, 12)
+    mask = causal_mask(4, 3)
+    with torch.no_grad():
+        out = attn(h, mem, mask)
+        ref = _naive_attention(attn, h, mem, lambda qi, kj, i, j: (qi * kj).sum(-1), mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert not any(n.startswith("r_") for n, _ in attn.named_parameters())
+
+
+def test_pre_lnorm_normalises_memory_and_segment():
+    attn = _init(RelPartialLearnableAttention(8, 2, 4, 0.0, 0.0, pre_lnorm=True, own_bias=True))
+    h, mem = torch.randn(1, 3, 8), torch.randn(1, 2, 8)
+    R = sinusoid(relative_distances(5), 8)
+    with torch.no_grad():
+        out = attn(h, mem, R, causal_mask(3, 2))
+        # Pre-LN: residual adds the raw input; scaling the raw input changes LN(x) not at all.
+        out_scaled = attn(h * 3, mem * 3, R, causal_mask(3, 2))
+    torch.testing.assert_close(out_scaled - 3 * h, out - h, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_softmax_has_no_nan_in_half_precision(dtype):
+    attn = _init(RelPartialLearnableAttention(16, 2, 8, 0.0, 0.0, own_bias=True)).to(dtype)
+    h, mem = torch.randn(2, 5, 16, dtype=dtype), torch.randn(2, 6, 16, dtype=dtype)
+    R = sinusoid(relative_distances(11), 16).to(dtype)
+    with torch.no_grad():
+        out = attn(h, mem, R, causal_mask(5, 6, window=6))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_attention_dropout_is_applied_in_training_only():
+    attn = _init(RelPartialLearnableAttention(8, 2, 4, dropout=0.0, dropatt=0.5, own_bias=True))
+    h = torch.randn(2, 6, 8)
+    R = sinusoid(relative_distances(6), 8)
+    with torch.no_grad():
+        e1, e2 = attn(h, None, R, causal_mask(6, 0)), attn(h, None, R, causal_mask(6, 0))
+        attn.train()
+        t1, t2 = attn(h, None, R, causal_mask(6, 0)), attn(h, None, R, causal_mask(6, 0))
+    assert torch.equal(e1, e2) and not torch.allclose(t1, t2)
