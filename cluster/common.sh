@@ -19,6 +19,10 @@ fi
 export XL_PYTHON
 export PYTHONPATH="$XL_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+# srun gives every task its rank; values exported in the submitting shell (sbatch passes the
+# whole environment) would override it. MASTER_ADDR/MASTER_PORT set on purpose are kept.
+unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK TORCHELASTIC_RUN_ID
+
 # Environment hygiene (torchtitan's set): readable NCCL errors instead of hangs, tracebacks on
 # crashes, unbuffered logs, no fragmentation OOMs, one OpenMP pool per task's CPUs.
 export PYTHONUNBUFFERED=1
@@ -50,6 +54,9 @@ xl_banner() {
   if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null; then
     local head; head="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
     echo "head node $head ($(getent hosts "$head" | awk '{print $1; exit}'))  batch host $(hostname)"
+  fi
+  if [[ -n "${MASTER_ADDR:-}${MASTER_PORT:-}" ]]; then
+    echo "rendezvous from the environment: MASTER_ADDR=${MASTER_ADDR:-(first node)} MASTER_PORT=${MASTER_PORT:-(from job id)}"
   fi
   echo "repo $XL_ROOT  commit $(git -C "$XL_ROOT" rev-parse --short HEAD 2>/dev/null || echo n/a)"
   echo "python $XL_PYTHON ($("$XL_PYTHON" -c 'import sys; print(sys.version.split()[0])'))"

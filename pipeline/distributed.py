@@ -208,7 +208,7 @@ def init_distributed(timeout_s: float = 1800.0, verbose: bool = False) -> DistEn
     env = setup_env()
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(_cuda_device(env.local_rank))
     if dist.is_available() and dist.is_initialized():
         return env
     import deepspeed
@@ -229,6 +229,19 @@ def shutdown() -> None:
     if is_initialized():
         barrier()
         dist.destroy_process_group()
+
+
+def _cuda_device(local_rank: int) -> int:
+    # Usually every task sees all GPUs of its node (index = LOCAL_RANK); with per-task GPU
+    # binding (--gpus-per-task, gres binding) each task sees exactly its own one.
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise RuntimeError(f"LOCAL_RANK={local_rank} but this task sees {count} GPUs "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                       f"start one task per GPU (--ntasks-per-node = --gpus-per-node)")
 
 
 def is_initialized() -> bool:

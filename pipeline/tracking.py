@@ -14,7 +14,7 @@ run id, or its error, so no rank waits forever). MLflow is imported on rank 0 on
 Where runs go: ``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI`` (e.g. the server started
 by cluster/mlflow_server.sh), else ``sqlite:///<cwd>/mlruns.db`` with artifacts in ``<cwd>/mlruns``.
 
-Resuming (``run_id=``) reopens the same run as RUNNING. Params are immutable in MLflow: a param
+Resuming (``run_id=``, or ``$MLFLOW_RUN_ID``) reopens the same run as RUNNING. Params are immutable in MLflow: a param
 already logged with the same value is skipped; a changed one is kept and the new value is logged
 as the tag ``param_changed.<key>``. Params go in batches of 100 (MLflow's limit); values longer
 than MLflow's limit are cut, tagged ``param_truncated.<key>`` and kept whole in the artifact
@@ -178,7 +178,11 @@ class Tracker:
         if self.cfg.system_metrics:
             mlflow.system_metrics.set_system_metrics_sampling_interval(self.cfg.system_metrics_interval)
             mlflow.system_metrics.set_system_metrics_samples_before_logging(1)
-        run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
+        # MLFLOW_RUN_ID names the top-level run to resume; consume it (as MLflow does) so a
+        # child started later cannot pick it up too.
+        env_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+        if not (nested or parent_run_id):
+            run_id = run_id or env_run_id or None
         all_tags = environment_tags(world_size) | {k: _str_value(v) for k, v in (tags or {}).items()}
         if run_id:
             self._check_resumable(run_id)
@@ -254,15 +258,20 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None or (exc_type is SystemExit and exc.code in (0, None)):
-            self.end()
-        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
-            self.end("KILLED")
-        else:
-            try:
-                self.set_tags({"error": f"{exc_type.__name__}: {exc}"})
-            finally:
-                self.end("FAILED")
+        # A tracking server that is gone must neither hide the real exception nor fail a
+        # finished training: log it and move on.
+        try:
+            if exc_type is None or (exc_type is SystemExit and exc.code in (0, None)):
+                self.end()
+            elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+                self.end("KILLED")
+            else:
+                try:
+                    self.set_tags({"error": f"{exc_type.__name__}: {exc}"})
+                finally:
+                    self.end("FAILED")
+        except Exception as end_exc:  # noqa: BLE001
+            log.error("could not end MLflow run %s at %s: %s", self.run_id, self.uri, end_exc)
         return False
 
     # ------------------------------------------------------------------ logging

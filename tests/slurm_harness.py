@@ -48,8 +48,11 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
 # Header overrides that fit cluster/train.sh (8 GPUs per node by default) onto this test node.
 SMALL_JOB = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10")
 _FAKE_GPU_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")
-# Inherited from an enclosing job, these would leak into the test cluster's clients and jobs.
+# Inherited from an enclosing job or launcher, these would leak into the test cluster's jobs
+# (sbatch exports the whole environment) and override what srun gives each task.
 _CLIENT_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
+_LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+                  "GROUP_RANK", "TORCHELASTIC_RUN_ID"}
 
 
 class SlurmUnavailable(RuntimeError):
@@ -164,7 +167,8 @@ class SlurmCluster:
     @property
     def env(self) -> dict[str, str]:
         """The environment for SLURM clients (sbatch, squeue, ...) talking to this cluster."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_CLIENT_ENV_PREFIXES)}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(_CLIENT_ENV_PREFIXES) and k not in _LAUNCHER_VARS}
         env["SLURM_CONF"] = str(self.conf)
         return env
 

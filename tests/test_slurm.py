@@ -157,7 +157,8 @@ def stub_repo(tmp_path):
 def test_train_sh_runs_one_task_per_gpu(slurm_cluster, stub_repo):
     from slurm_harness import SMALL_JOB
 
-    env = job_env() | {"XLPIPE_PYTHON": PY}
+    # Rank variables left in the submitting shell must not override what srun gives each task.
+    env = job_env() | {"XLPIPE_PYTHON": PY, "RANK": "7", "WORLD_SIZE": "9", "LOCAL_RANK": "3"}
     job = slurm_cluster.sbatch([*SMALL_JOB, "cluster/train.sh", "configs/t.yaml", "train.max_steps=3"],
                                cwd=stub_repo, env=env)
     info = slurm_cluster.wait(job, timeout=120)

@@ -142,6 +142,18 @@ def test_resume_continues_the_same_run(db):
     assert query(db, "SELECT COUNT(*) FROM runs WHERE experiment_id = ?", exp) == [(1,)]
 
 
+def test_resume_from_mlflow_run_id_env(db, monkeypatch):
+    cfg = cfg_for(db, experiment="resume-env")
+    with Tracker(cfg).start(run_name="first") as run:
+        pass
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.run_id)
+    with Tracker(cfg).start() as again:
+        with again.child("eval") as child:  # a child is a new run, not the one named in the env
+            pass
+    assert again.run_id == run.run_id and child.run_id != run.run_id
+    assert tags(db, child.run_id)["mlflow.parentRunId"] == run.run_id
+
+
 def test_resume_unknown_run_is_a_clear_error(db):
     with pytest.raises(Exception, match="cannot resume MLflow run 'f00d'.*does not exist"):
         Tracker(cfg_for(db)).start(run_id="f00d")
