@@ -161,6 +161,11 @@ class Tracker:
             except Exception as exc:
                 payload = {"error": f"{type(exc).__name__}: {exc}"}
                 distributed.broadcast_object(payload)
+                if self.run_id is not None:  # started, then failed (e.g. on its params)
+                    try:
+                        self.end("FAILED")
+                    except Exception:  # noqa: BLE001 - the first error is the one to report
+                        pass
                 raise
         payload = distributed.broadcast_object(payload)
         if payload is not None and "error" in payload:
