@@ -24,7 +24,8 @@ By hand: ``python tests/slurm_harness.py start BASE`` prints the ``export SLURM_
 ``python tests/slurm_harness.py stop BASE`` stops the daemons by their recorded PIDs.
 
 Without the binaries the fixture skips with the reason, unless ``XLPIPE_REQUIRE_SLURM=1`` (CI),
-where a missing SLURM is a failure.
+where a missing SLURM is a failure. The temp base dir is removed afterwards unless
+``XLPIPE_KEEP_SLURM=1`` (then its logs are kept for debugging).
 """
 from __future__ import annotations
 
@@ -303,6 +304,19 @@ def shared_cluster() -> SlurmCluster:
     return _shared
 
 
+def _stop_shared() -> None:
+    """Stop the shared cluster; its base dir (logs, state) stays only with XLPIPE_KEEP_SLURM=1."""
+    global _shared
+    if _shared is None:
+        return
+    _shared.stop()
+    if os.environ.get("XLPIPE_KEEP_SLURM", "") in ("", "0"):
+        shutil.rmtree(_shared.base, ignore_errors=True)
+    else:
+        print(f"SLURM test cluster files kept in {_shared.base}", file=sys.stderr)
+    _shared = None
+
+
 def _require() -> bool:
     return os.environ.get("XLPIPE_REQUIRE_SLURM", "") not in ("", "0")
 
@@ -321,7 +335,7 @@ try:
             pytest.skip(msg)
         cluster = shared_cluster()
         yield cluster
-        cluster.stop()
+        _stop_shared()
 except ImportError:  # used as a script without pytest
     pass
 
