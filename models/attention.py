@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import Dropout
 from .layers import layer_norm, linear
 from .positions import rel_shift
 
@@ -66,35 +67,42 @@ class _MemoryAttention(nn.Module):
         self.pre_lnorm = pre_lnorm
         self.qkv_net = linear(d_model, 3 * n_head * d_head, bias=False)
         self.o_net = linear(n_head * d_head, d_model, bias=False)
-        self.drop = nn.Dropout(dropout)
-        self.dropatt = nn.Dropout(dropatt)
+        self.drop = Dropout(dropout)
+        self.dropatt = Dropout(dropatt)
         self.layer_norm = layer_norm(d_model)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        """``[B, L, H·D]`` -> ``[B, H, L, D]`` (a view)."""
-        return x.unflatten(-1, (self.n_head, self.d_head)).transpose(1, 2)
+    def _heads(self, *parts: Tensor) -> Tensor:
+        """``[B, L_i, H·D]`` pieces -> one contiguous ``[B, H, sum L_i, D]`` (a single copy)."""
+        views = [x.unflatten(-1, (self.n_head, self.d_head)).transpose(1, 2) for x in parts]
+        return torch.cat(views, dim=2) if len(views) > 1 else views[0].contiguous()
 
     def _project(self, h: Tensor, mem: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Scaled queries ``[B, H, q, D]`` from the segment, keys and values ``[B, H, k, D]``
-        from ``cat[mem, segment]`` (pre-LN normalises both, as the reference).
+        from ``cat[mem, segment]`` (pre-LN normalises both, as the reference); contiguous.
 
         Memory rows get their own GEMM for k and v only: no wasted queries, and no input
         gradient is computed for them (memory never requires grad)."""
         hd = self.n_head * self.d_head
         w = self.qkv_net.weight
-        q, kv = F.linear(self.layer_norm(h) if self.pre_lnorm else h, w).split([hd, 2 * hd], dim=-1)
+        q, k, v = F.linear(self.layer_norm(h) if self.pre_lnorm else h, w).split(hd, dim=-1)
         if mem is not None and mem.size(1) > 0:
-            kv_mem = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w[hd:])
-            kv = torch.cat([kv_mem, kv], dim=1)
-        k, v = kv.split(hd, dim=-1)
-        return self._heads(q * self.scale), self._heads(k), self._heads(v)
+            k_mem, v_mem = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w[hd:]).split(hd, dim=-1)
+            k, v = self._heads(k_mem, k), self._heads(v_mem, v)
+        else:
+            k, v = self._heads(k), self._heads(v)
+        return self._heads(q * self.scale), k, v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos_score: Optional[Tensor], mask: Tensor) -> Tensor:
         """softmax(q·kᵀ + pos_score, masked) · v, returned as ``[B, q, H·D]``."""
-        score = torch.matmul(q, k.transpose(-1, -2))
-        if pos_score is not None:
-            score = score + pos_score
-        score = score.masked_fill(mask, float("-inf"))
+        B, H, qlen, D = q.shape
+        klen = k.size(2)
+        if pos_score is None:
+            score = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(mask, float("-inf"))
+        else:
+            # The positional term is materialised once with the mask applied, then the content
+            # term is accumulated into it by the GEMM itself (beta=1), saving a pass.
+            score = pos_score.masked_fill(mask, float("-inf"))
+            score.view(B * H, qlen, klen).baddbmm_(q.view(B * H, qlen, D), k.view(B * H, klen, D).transpose(1, 2))
         # fp32 softmax for half precision; every row keeps >= 1 key (itself), so no NaN.
         prob = torch.softmax(score, dim=-1, dtype=torch.float32).to(v.dtype)
         prob = self.dropatt(prob)
@@ -132,7 +140,7 @@ class RelPartialLearnableAttention(_MemoryAttention):
         q, k, v = self._project(h, mem)
         r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, k+1]
         ac_q = q + (u * self.scale).unsqueeze(1)
-        bd = rel_shift(torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k))
+        bd = rel_shift(torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k))  # [B, H, q, k]
         return self._output(h, self._attend(ac_q, k, v, bd, mask))
 
 

@@ -24,6 +24,7 @@ from .attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLear
                         same_length_window)
 from .base import LanguageModel, ModelOutput
 from .config import ModelConfig
+from .dropout import Dropout
 from .layers import PositionwiseFF
 from .memory import Memory
 from .positions import relative_distances, sinusoid
@@ -55,6 +56,7 @@ class TXLLayer(nn.Module):
         else:
             self.dec_attn = AbsoluteAttention(*args, pre_lnorm=cfg.pre_lnorm)
         self.pos_ff = PositionwiseFF(cfg.d_model, cfg.d_inner, cfg.dropout, pre_lnorm=cfg.pre_lnorm)
+        self.pos_ff.drop = Dropout(cfg.dropout)  # same dropout, cheaper mask on CPU (models/dropout.py)
 
     def forward(self, h: Tensor, mem: Optional[Tensor], pos: Optional[Tensor], mask: Tensor,
                 r_w_bias: Optional[Tensor], r_r_bias: Optional[Tensor]) -> Tensor:
@@ -95,7 +97,7 @@ class TransformerXL(LanguageModel):
         d_embed = cfg.d_embed or cfg.d_model
 
         self.word_emb = AdaptiveEmbedding(cfg.n_token, d_embed, cfg.d_model, cfg.cutoffs, cfg.div_val)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         max_klen = cfg.tgt_len + cfg.ext_len + cfg.mem_len
         self.layers = nn.ModuleList(TXLLayer(cfg, max_klen) for _ in range(cfg.n_layer))
         if cfg.attn_type == "relative" and not cfg.untie_r:
