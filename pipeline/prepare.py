@@ -48,9 +48,10 @@ from pipeline.config import Config, TokenizerConfig, arg_parser, parse_args
 from pipeline.corpora import SPLITS, Corpus, CorpusError, Unit, open_corpus
 from pipeline.shards import (MANIFEST, Manifest, ShardError, ShardInfo, SplitInfo, atomic_write_json,
                              shard_name, sha256_file, token_dtype, verify_shard, write_shard)
-from pipeline.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenizer, Tokenizer, TokenizerError,
-                                 UnknownSymbolError, WordVocab, count_words, read_tokenizer, read_vocab_file,
-                                 save_tokenizer, train_sentencepiece, vocab_from_counts)
+from pipeline.tokenizers import (ByteTokenizer, CharVocab, CountMerger, SentencePieceTokenizer, Tokenizer,
+                                 TokenizerError, UnknownSymbolError, WordVocab, count_chars, count_words,
+                                 read_tokenizer, read_vocab_file, save_tokenizer, train_sentencepiece,
+                                 vocab_from_counts)
 
 log = logging.getLogger("xlpipe.prepare")
 STAMP = "tokenizer.build.json"
@@ -134,18 +135,17 @@ def encode_unit(corpus: Corpus, tok: Tokenizer, unit: Unit) -> tuple[np.ndarray,
             return tok.encode_bytes(corpus.read_bytes(unit)), None
         return tok.encode(corpus.read_text(unit)), None
     except UnknownSymbolError as exc:
-        raise CorpusError(f"{_locate(corpus, unit, exc.position)}: {exc}") from None
+        raise CorpusError(f"{_locate(corpus, unit, exc.line)}: {exc}") from None
 
 
-def _locate(corpus: Corpus, unit: Unit, position: int) -> str:
-    """'file, line N' of a character position in a unit's text (error path only)."""
+def _locate(corpus: Corpus, unit: Unit, line: int) -> str:
+    """'file, line N' of a line of a unit's text (error path only)."""
     p = unit.pieces[0]
-    if len(unit.pieces) > 1 or position < 0 or corpus.mode == "documents":
+    if len(unit.pieces) > 1 or corpus.mode == "documents":
         return unit.describe()
     with open(p.path, "rb") as f:
         before = f.read(p.start).count(b"\n")
-    text = corpus.read_text(unit)
-    return f"{p.path}, line {before + text.count(chr(10), 0, position) + 1}"
+    return f"{p.path}, line {before + line}"
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -158,10 +158,10 @@ def _init_worker(state: dict) -> None:
     _W.update(state)
 
 
-def _count_task(unit: Unit) -> Counter:
+def _count_task(unit: Unit) -> tuple[list[str], np.ndarray]:
     corpus, spec = _W["corpus"], _W["spec"]
     text = unit_text(corpus, unit)
-    return count_words(text, spec.lower_case) if spec.kind == "word" else Counter(text)
+    return count_words(text, spec.lower_case) if spec.kind == "word" else count_chars(text)
 
 
 def _encode_task(unit: Unit, fingerprint: str) -> tuple[Optional[dict], int, float]:
@@ -238,16 +238,16 @@ def build_tokenizer(corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Un
     if spec.vocab_file:
         return _word_vocab(read_vocab_file(spec.vocab_file), spec)
     units = [u for s in spec.count_on for u in plan[s]]
-    counts: Counter = Counter()
+    merged = CountMerger(words=spec.kind == "word")
     with _bar(sum(u.nbytes for u in units), f"count {spec.kind}s", progress) as bar:
-        # Merged in corpus order: Counter.update keeps first-occurrence order, as counting line by line does.
-        for unit, c in zip(units, _map_ordered(_count_task, [(u,) for u in units],
-                                               {"corpus": corpus, "spec": spec}, workers)):
-            counts.update(c)
+        # Merged in corpus order, so ties keep first-occurrence order as counting line by line does.
+        for unit, (symbols, counts) in zip(units, _map_ordered(_count_task, [(u,) for u in units],
+                                                               {"corpus": corpus, "spec": spec}, workers)):
+            merged.add(symbols, counts)
             bar.update(unit.nbytes)
     if spec.kind == "char":
-        return CharVocab(vocab_from_counts(counts, (), spec.min_freq, spec.max_size))
-    return _word_vocab(vocab_from_counts(counts, spec.specials, spec.min_freq, spec.max_size), spec)
+        return CharVocab(vocab_from_counts(merged.result(), (), spec.min_freq, spec.max_size))
+    return _word_vocab(vocab_from_counts(merged.result(), spec.specials, spec.min_freq, spec.max_size), spec)
 
 
 def _word_vocab(symbols: list[str], spec: TokenizerSpec) -> WordVocab:
@@ -303,7 +303,9 @@ def tokenizer_step(out: Path, corpus: Corpus, spec: TokenizerSpec, plan: dict[st
         atomic_write_json(out / STAMP, {"fingerprint": fp, "files": entry["files"], "entry": entry})
         log.info("tokenizer: %s, vocab size %d, special %s (%.1fs)", tok.kind, tok.vocab_size, tok.special(),
                  time.perf_counter() - t0)
-        return read_tokenizer(out, threads=max(1, _cpus() // workers)), entry
+        if isinstance(tok, SentencePieceTokenizer):
+            tok.threads = max(1, _cpus() // workers)
+        return tok, entry
     started, deadline = time.time(), time.monotonic() + wait_s
     if wait_s > 0:
         log.info("tokenizer %s: waiting up to %.0fs for task 0 to build it", reason, wait_s)

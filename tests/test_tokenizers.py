@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections import Counter
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 
 from corpus_fixtures import file_lines, ref_encode, ref_vocab
 from pipeline.shards import Manifest, SplitInfo
-from pipeline.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenizer, TokenizerError,
-                                 UnknownSymbolError, WordVocab, count_words, load_tokenizer,
+from pipeline.tokenizers import (ByteTokenizer, CharVocab, CountMerger, SentencePieceTokenizer, TokenizerError,
+                                 UnknownSymbolError, WordVocab, count_chars, count_words, load_tokenizer,
                                  read_tokenizer, read_vocab_file, save_tokenizer, train_sentencepiece,
                                  vocab_from_counts)
 
@@ -35,12 +36,72 @@ def test_counts_merged_in_unit_order_keep_first_occurrence_ties():
     # Counting two halves separately and merging in order equals counting line by line.
     lines = file_lines(TEXT)
     half = len(lines) // 2
-    merged = Counter()
-    merged.update(count_words("".join(lines[:half]), False))
-    merged.update(count_words("".join(lines[half:]), False))
-    assert vocab_from_counts(merged, ["<eos>"]) == ref_vocab(lines, ["<eos>"])
+    merged = CountMerger()
+    merged.add(*count_words("".join(lines[:half]), False))
+    merged.add(*count_words("".join(lines[half:]), False))
+    assert vocab_from_counts(merged.result(), ["<eos>"]) == ref_vocab(lines, ["<eos>"])
     # c and a both occur 3 times; c occurs first, so it comes first (then b, 2 times)
-    assert vocab_from_counts(merged)[:3] == ["c", "a", "b"]
+    assert vocab_from_counts(merged.result())[:3] == ["c", "a", "b"]
+
+
+# Random texts over everything str.split() and text-mode reading care about.
+POOL = ["a", "b", "ab", "The", "the", "x" * 15, "y" * 16, "z" * 40, "naïve", "中文", "<eos>", "<S>", "\x00",
+        "a\x00", "é" * 8, "İstanbul", "ΣΑΣ", "<unk>", "ß"]
+SEPS = [" ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x1f", "\xa0", "\u3000", "\u2028",
+        "\x85", "\u2009", "\n\n", " \n "]
+
+
+def random_texts(n=200, seed=0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(0, 40)):
+            parts.append(rng.choice(POOL) if rng.random() < 0.7 else
+                         "".join(rng.choice("abcXYZé中\x00") for _ in range(rng.randint(1, 20))))
+            parts.append(rng.choice(SEPS))
+        yield "".join(parts[:-1] if rng.random() < 0.3 else parts)
+
+
+def test_unicode_spaces_are_exactly_pythons():
+    from pipeline.fastwords import ASCII_SPACES, UNICODE_SPACES
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    assert spaces == [chr(b) for b in ASCII_SPACES] + list(UNICODE_SPACES)
+    assert all(len(f"a{c}b".split()) == 2 for c in spaces)
+
+
+@pytest.mark.parametrize("lower_case", [False, True])
+def test_vectorised_words_equal_the_python_path(lower_case):
+    for text in random_texts():
+        lines = file_lines(text)
+        words, counts = count_words(text, lower_case)
+        ref = Counter()
+        for line in lines:
+            ref.update((line.strip().lower() if lower_case else line.strip()).split())
+        assert words == list(ref) and counts.tolist() == list(ref.values())
+        symbols = ref_vocab(lines, ["<eos>", "<unk>"], lower_case)
+        tok = WordVocab(symbols, lower_case, eos="<eos>", unk="<unk>")
+        got = tok.encode(text).tolist()
+        # text ends without a newline: the reference's file reading still gives that last line <eos>
+        expect = ref_encode(lines, symbols, lower_case)
+        if text and not text.endswith(("\n", "\r")):
+            expect = expect[:-1]
+        assert got == expect, repr(text)
+        sent = WordVocab(["<S>", "<UNK>"] + [w for w in symbols if w not in ("<S>", "<UNK>")], lower_case,
+                         bos="<S>", unk="<UNK>")
+        ids, starts = sent.encode_sentences(text)
+        ref_ids, ref_starts = [], []
+        for line in lines:
+            ref_starts.append(len(ref_ids))
+            ref_ids += [sent.symbols.index(w) if w in sent.symbols else 1
+                        for w in ["<S>"] + (line.lower() if lower_case else line).split()]
+        assert ids.tolist() == ref_ids and starts.tolist() == ref_starts, repr(text)
+
+
+def test_count_chars_equals_counter():
+    for text in random_texts(50, seed=1):
+        chars, counts = count_chars(text)
+        ref = Counter(text)
+        assert chars == list(ref) and counts.tolist() == list(ref.values())
 
 
 def test_word_encode_eos_every_line_including_empty_ones():
