@@ -125,6 +125,8 @@ def encode_unit(corpus: Corpus, tok: Tokenizer, unit: Unit) -> tuple[np.ndarray,
             return tok.encode_sentences(corpus.read_text(unit))
         if corpus.mode == "documents":
             docs = corpus.read_documents(unit)
+            if tok.doc_end is None:  # documents end with a newline: encoding them joined is the same
+                return tok.encode("".join(text for text, _ in docs)), None
             parts: list[np.ndarray] = []
             for (_, end), ids in zip(docs, tok.encode_batch([text for text, _ in docs])):
                 parts.append(ids)

@@ -1,7 +1,6 @@
 """Corpus readers on generated fixtures in each corpus's exact layout."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.corpora import (SPLITS, CorpusError, LM1B, hash_split, line_boundaries, open_corpus,
+from pipeline.corpora import (SPLITS, CorpusError, hash_split, line_boundaries, open_corpus,
                               text8_normalise)
 from corpus_fixtures import LM1B_TOP, make_bytes_file, make_lm1b, make_ptb, make_text, make_wt103
 

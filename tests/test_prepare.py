@@ -188,6 +188,24 @@ def test_text_corpus_sentencepiece_documents(tmp_path):
         assert [tok.decode(p) for p in pieces] == docs
 
 
+def test_text_corpus_word_vocab(tmp_path):
+    import io
+    root = make_text(tmp_path / "mine")
+    out = tmp_path / "shards"
+    cfg = config(out, "data.corpus=text", f"data.path={root}/docs/**/*.txt,{root}/docs/*.jsonl", "data.text_field=body",
+                 "data.valid_fraction=0.2", "data.test_fraction=0.2", "data.unit_bytes=700")
+    prepare(cfg, workers=2)
+    from pipeline.corpora import open_corpus
+    corpus = open_corpus(cfg.data)
+    plan = corpus.plan()
+    lines = {s: list(io.StringIO("".join(d for u in plan[s] for d, _ in corpus.read_documents(u)), newline=None))
+             for s in SPLITS}
+    symbols = ref_vocab(lines["train"], ["<eos>", "<unk>"])
+    assert load_tokenizer(out).symbols == symbols
+    for split in SPLITS:
+        assert split_tokens(out, split).tolist() == ref_encode(lines[split], symbols, unk="<unk>")
+
+
 def test_stdlib_sentencepiece(tmp_path):
     import sysconfig
     root = Path(sysconfig.get_paths()["stdlib"]) / "json"
