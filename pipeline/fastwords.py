@@ -247,7 +247,9 @@ class WordIndex:
         get ``unk``, or -1 when it is None."""
         short, k1, k2 = w.short_keys()
         entry = self.table.find(k1, k2)
-        if short is None:
+        if not len(self.ids):   # a vocabulary of long words only
+            ids = np.full(w.n, -1, dtype=np.int64)
+        elif short is None:
             ids = np.where(entry >= 0, self.ids[entry], -1)
         else:
             ids = np.full(w.n, -1, dtype=np.int64)
