@@ -20,14 +20,10 @@ UNICODE_SPACES = "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007
                  "\u2028\u2029\u202f\u205f\u3000"
 ASCII_SPACES = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "
 _UNICODE_SPACE_RE = re.compile(b"|".join(re.escape(c.encode()) for c in UNICODE_SPACES))
-_IS_SPACE = np.zeros(256, dtype=bool)
-_IS_SPACE[list(ASCII_SPACES)] = True
 SHORT = 15                      # bytes packed into a key; byte 15 holds the length
 _MASK = np.array([(1 << (8 * n)) - 1 if n < 8 else (1 << 64) - 1 for n in range(9)], dtype=np.uint64)
 _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
-
-
-_SPACE_TABLE = bytes(1 if b in ASCII_SPACES else 0 for b in range(256))
+_SPACE_TABLE = bytes(1 if b in ASCII_SPACES else 0 for b in range(256))   # bytes.translate -> bool
 
 
 class Words:
