@@ -46,6 +46,13 @@ def causal_mask(qlen: int, mlen: int, window: Optional[int] = None, device=None)
     return mask
 
 
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean mask (True = masked) as an additive ``[q, k]`` tensor: 0 where visible, -inf
+    where not. Adding it costs one pass and no backward work (masked probabilities are 0,
+    so their gradient is 0 anyway), unlike masked_fill."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
 def same_length_window(mem_len: int, keys: str) -> int:
     """Keys per query under same_length: ``mem_len`` (reference PyTorch / HF, the default)
     or ``mem_len + 1`` (NVIDIA / TF, which also lets query 0 see the oldest memory slot)."""
@@ -93,21 +100,28 @@ class _MemoryAttention(nn.Module):
         return self._heads(q * self.scale), k, v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos_score: Optional[Tensor], mask: Tensor) -> Tensor:
-        """softmax(q·kᵀ + pos_score, masked) · v, returned as ``[B, q, H·D]``."""
+        """softmax(q·kᵀ + rel_shift(pos_score) + mask) · v, returned as ``[B, q, H·D]``.
+
+        pos_score: ``[B, H, q, k+1]`` positional scores over distances ``k..0`` (or None);
+        mask: additive ``[q, k]`` (0 or -inf, see ``additive_mask``) or boolean (True = masked).
+        Works on ``[B·H, ., .]`` batches: the masked positional term is materialised by one add,
+        the content term accumulated into it by the GEMM (beta=1), all on plain tensors so
+        autograd adds no copies.
+        """
         B, H, qlen, D = q.shape
         klen = k.size(2)
+        if mask.dtype == torch.bool:
+            mask = additive_mask(mask, q.dtype)
+        q3, k3t, v3 = q.view(B * H, qlen, D), k.view(B * H, klen, D).transpose(1, 2), v.view(B * H, klen, D)
         if pos_score is None:
-            score = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(mask, float("-inf"))
+            score = torch.baddbmm(mask, q3, k3t)
         else:
-            # The positional term is materialised once with the mask applied, then the content
-            # term is accumulated into it by the GEMM itself (beta=1), saving a pass.
-            score = pos_score.masked_fill(mask, float("-inf"))
-            score.view(B * H, qlen, klen).baddbmm_(q.view(B * H, qlen, D), k.view(B * H, klen, D).transpose(1, 2))
+            score = rel_shift(pos_score.view(B * H, qlen, klen + 1)) + mask
+            score.baddbmm_(q3, k3t)
         # fp32 softmax for half precision; every row keeps >= 1 key (itself), so no NaN.
         prob = torch.softmax(score, dim=-1, dtype=torch.float32).to(v.dtype)
         prob = self.dropatt(prob)
-        out = torch.matmul(prob, v)
-        return out.transpose(1, 2).flatten(2)
+        return torch.bmm(prob, v3).view(B, H, qlen, D).transpose(1, 2).flatten(2)
 
     def _output(self, h: Tensor, attn_vec: Tensor) -> Tensor:
         out = self.drop(self.o_net(attn_vec))
@@ -134,13 +148,13 @@ class RelPartialLearnableAttention(_MemoryAttention):
     def forward(self, h: Tensor, mem: Optional[Tensor], r: Tensor, mask: Tensor,
                 r_w_bias: Optional[Tensor] = None, r_r_bias: Optional[Tensor] = None) -> Tensor:
         """h ``[B, q, d]``, mem ``[B, m, d]`` or None, r ``[m+q+1, d]`` encodings of distances
-        ``m+q .. 0`` (see positions.rel_shift), mask ``[q, m+q]`` bool."""
+        ``m+q .. 0`` (see positions.rel_shift), mask ``[q, m+q]`` additive or bool."""
         u = self.r_w_bias if self.r_w_bias is not None else r_w_bias
         v_bias = self.r_r_bias if self.r_r_bias is not None else r_r_bias
         q, k, v = self._project(h, mem)
         r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, k+1]
         ac_q = q + (u * self.scale).unsqueeze(1)
-        bd = rel_shift(torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k))  # [B, H, q, k]
+        bd = torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k)  # [B, H, q, k+1], shifted in _attend
         return self._output(h, self._attend(ac_q, k, v, bd, mask))
 
 
@@ -163,7 +177,7 @@ class RelLearnableAttention(_MemoryAttention):
         rows = (self.max_klen - 1 - dist.clamp(max=self.max_klen - 1)).long()
         r_emb = self.r_emb.index_select(0, rows).permute(1, 2, 0)  # [H, D, k+1]
         r_bias = self.r_bias.index_select(0, rows).t().unsqueeze(1) * self.scale  # [H, 1, k+1]
-        bd = rel_shift(torch.matmul(q, r_emb) + r_bias)
+        bd = torch.matmul(q, r_emb) + r_bias  # [B, H, q, k+1], shifted in _attend
         ac_q = q + (self.r_w_bias * self.scale).unsqueeze(1)
         return self._output(h, self._attend(ac_q, k, v, bd, mask))
 

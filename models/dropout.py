@@ -25,8 +25,10 @@ def cpu_dropout(x: Tensor, p: float) -> Tensor:
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(1 << 63), (1 << 63) - 1)
     draws = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-    keep = draws >= drop - (1 << 15)
-    return torch.where(keep, x, 0.0).mul_(_LEVELS / (_LEVELS - drop))
+    # A scaled float mask: one multiply forward and one backward (faster than where or a bool
+    # multiply, at 4 instead of 1 byte per element kept for the backward).
+    mask = (draws >= drop - (1 << 15)).to(x.dtype).mul_(_LEVELS / (_LEVELS - drop))
+    return x * mask
 
 
 class Dropout(nn.Dropout):

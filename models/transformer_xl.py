@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
-from .attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, causal_mask,
-                        same_length_window)
+from .attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, additive_mask,
+                        causal_mask, same_length_window)
 from .base import LanguageModel, ModelOutput
 from .config import ModelConfig
 from .dropout import Dropout
@@ -220,16 +220,17 @@ class TransformerXL(LanguageModel):
             new = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
         return TXLMemory(hidden=new.detach())
 
-    def _mask(self, qlen: int, mlen: int, device) -> Tensor:
+    def _mask(self, qlen: int, mlen: int, device, dtype) -> Tensor:
+        """Additive ``[qlen, mlen+qlen]`` mask, cached per shape (built without a host sync)."""
         window = same_length_window(self.mem_len, self.same_length_keys) if self.same_length else None
         if window is not None and window < 1:
             raise ValueError("same_length needs mem_len > 0 (each query would see no key)")
-        key = (qlen, mlen, window, str(device))
+        key = (qlen, mlen, window, str(device), dtype)
         mask = self._masks.get(key)
         if mask is None:
             if len(self._masks) >= 64:
                 self._masks.clear()
-            mask = self._masks[key] = causal_mask(qlen, mlen, window, device)
+            mask = self._masks[key] = additive_mask(causal_mask(qlen, mlen, window, device), dtype)
         return mask
 
     # -- forward --------------------------------------------------------------------------
@@ -265,7 +266,7 @@ class TransformerXL(LanguageModel):
             pos = self.drop(sinusoid(dist, self.d_model).to(h.dtype))
         elif self.attn_type == "shaw":
             pos = relative_distances(klen, self.clamp_len, device=h.device)
-        mask = self._mask(qlen, mlen, h.device)
+        mask = self._mask(qlen, mlen, h.device, h.dtype)
 
         hids = []
         for i, layer in enumerate(self.layers):
