@@ -45,22 +45,24 @@ class _SegmentedNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, extra_weight, extra_bias, bounds, targets, *xs):
-        saved, outs = [], []
+        saved, outs, head_weight = [], [], None
         for i, (x, target) in enumerate(zip(xs, targets)):
             lo, hi = bounds[i], bounds[i + 1]
             w, b = weight[lo:hi], bias[lo:hi]
             if i == 0 and extra_weight is not None:
                 w, b = torch.cat([w, extra_weight]), torch.cat([b, extra_bias])
+                head_weight = w  # kept for the backward instead of concatenating again
             logits = torch.addmm(b, x, w.t()).float()
             picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
             top = logits.amax(dim=1, keepdim=True)
             exp = logits.sub_(top).exp_()  # in place: the logits are not needed any more
             total = exp.sum(dim=1)
             outs.append(total.log() + top.squeeze(1) - picked)
-            saved.append(exp.div_(total.unsqueeze(1)))  # softmax, kept for the backward
+            # Unnormalised exponentials and 1/sum: the backward scales by g/sum in one pass.
+            saved += [exp, total.reciprocal()]
         ctx.bounds, ctx.n = bounds, len(xs)
         ctx.has_extra = extra_weight is not None
-        ctx.save_for_backward(weight, extra_weight if ctx.has_extra else None, *targets, *xs, *saved)
+        ctx.save_for_backward(weight, head_weight, *targets, *xs, *saved)
         ctx.used = False
         return tuple(outs)
 
@@ -71,8 +73,8 @@ class _SegmentedNLL(torch.autograd.Function):
             raise RuntimeError("_SegmentedNLL: backward ran twice (its buffers are reused in place)")
         ctx.used = True
         n, bounds = ctx.n, ctx.bounds
-        weight, extra_weight, *rest = ctx.saved_tensors
-        targets, xs, probs = rest[:n], rest[n:2 * n], rest[2 * n:]
+        weight, head_weight, *rest = ctx.saved_tensors
+        targets, xs, saved = rest[:n], rest[n:2 * n], rest[2 * n:]
         need_w, need_b, need_ew, need_eb = ctx.needs_input_grad[:4]
         gw = torch.empty_like(weight) if need_w else None
         gb = weight.new_empty(weight.size(0)) if need_b else None
@@ -80,21 +82,23 @@ class _SegmentedNLL(torch.autograd.Function):
         gxs = []
         for i in range(n):
             lo, hi = bounds[i], bounds[i + 1]
-            g, p, x, t = grads[i], probs[i], xs[i], targets[i]
+            g, x, t = grads[i], xs[i], targets[i]
+            exp, inv_total = saved[2 * i], saved[2 * i + 1]
             if g is None:
-                g = torch.zeros(x.size(0), dtype=p.dtype, device=p.device)
-            # d nll / d logits = (softmax - onehot) * g, built in the saved softmax buffer.
-            p.mul_(g.unsqueeze(1))
+                g = torch.zeros(x.size(0), dtype=exp.dtype, device=exp.device)
+            # d nll / d logits = (softmax - onehot) * g, built in the saved buffer.
+            p = exp.mul_((g * inv_total).unsqueeze(1))
             p.scatter_add_(1, t.unsqueeze(1), -g.unsqueeze(1).to(p.dtype))
             p = p.to(x.dtype)
-            w = weight[lo:hi]
             pw = p[:, : hi - lo]
             if i == 0 and ctx.has_extra:
-                w = torch.cat([w, extra_weight])
+                w = head_weight
                 if need_ew:
                     gew = p[:, hi - lo:].t().mm(x)
                 if need_eb:
                     geb = p[:, hi - lo:].sum(0)
+            else:
+                w = weight[lo:hi]
             gxs.append(p.mm(w) if ctx.needs_input_grad[6 + i] else None)
             if gw is not None:
                 torch.mm(pw.t(), x, out=gw[lo:hi])

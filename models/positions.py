@@ -40,11 +40,29 @@ def rel_shift(x: Tensor) -> Tensor:
     Equivalent to the reference's pad-reshape-slice, as a view: row i of the output starts
     ``qlen - i`` columns into row i of x, i.e. flat offset ``qlen + i*klen``. Entries with
     ``j > mlen + i`` (future keys) read unrelated values and must be masked.
-    The last two dims of ``x`` must be contiguous (any strides before them).
     """
-    qlen, klen = x.size(-2), x.size(-1) - 1
-    if x.stride(-1) != 1 or x.stride(-2) != klen + 1:
-        x = x.contiguous()
-    size = (*x.shape[:-2], qlen, klen)
-    stride = (*x.stride()[:-2], klen, 1)
-    return x.as_strided(size, stride, x.storage_offset() + qlen)
+    return _RelShift.apply(x)
+
+
+class _RelShift(torch.autograd.Function):
+    """The shift as a strided view, with a direct backward: the view covers the flat range
+    ``[qlen, qlen·(klen+1))`` of each ``[qlen, klen+1]`` block, so the gradient is the
+    incoming gradient behind ``qlen`` zeros (autograd's generic as_strided backward
+    zero-fills and scatters, about 3x slower)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        qlen, klen = x.size(-2), x.size(-1) - 1
+        if x.stride(-1) != 1 or x.stride(-2) != klen + 1:
+            x = x.contiguous()
+        size = (*x.shape[:-2], qlen, klen)
+        stride = (*x.stride()[:-2], klen, 1)
+        return x.as_strided(size, stride, x.storage_offset() + qlen)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        *lead, qlen, klen = grad.shape
+        out = grad.new_empty(*lead, qlen * (klen + 1))
+        out[..., :qlen].zero_()
+        out[..., qlen:].copy_(grad.reshape(*lead, qlen * klen))
+        return out.view(*lead, qlen, klen + 1)

@@ -210,3 +210,19 @@ def test_attention_dropout_is_applied_in_training_only():
         attn.train()
         t1, t2 = attn(h, None, R, causal_mask(6, 0)), attn(h, None, R, causal_mask(6, 0))
     assert torch.equal(e1, e2) and not torch.allclose(t1, t2)
+
+
+def test_rel_shift_gradient_matches_the_reference_pad_reshape():
+    """Gradients through the shift equal those through the reference's pad-reshape-slice."""
+    def reference_shift(x):  # [.., q, k+1] with a zero column in front -> drop it via the reshape trick
+        *lead, q, k1 = x.shape
+        padded = torch.cat([x.new_zeros(*lead, q, 1), x], dim=-1)  # [.., q, k+2]
+        return padded.view(*lead, k1 + 1, q)[..., 1:, :].reshape(*lead, q, k1)[..., :, 1:]
+
+    x = torch.randn(2, 3, 5, 12, requires_grad=True)  # q=5, k=11 (m=6)
+    mask = causal_mask(5, 6)
+    ours = rel_shift(x).masked_fill(mask, 0)
+    ref = reference_shift(x).masked_fill(mask, 0)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    g = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=0, atol=0)
