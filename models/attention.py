@@ -12,11 +12,12 @@ LayerNorm), so a state dict maps onto the reference's (``qkv_net.weight`` is
 - ``AbsoluteAttention``: plain content attention; positions were added to the input
   (reference attn_type 2).
 
-Tensors are batch first: hidden ``[B, q, d]``, memory ``[B, m, d]``, scores ``[B, H, q, k]``.
-Queries are projected from the segment only (the reference projects memory rows too and
-throws those queries away). The 1/sqrt(d_head) scale is folded into the queries, so the
-score tensor is touched only by add, mask and softmax. Nothing here synchronises with the
-host: masks are boolean tensors built without data-dependent branches.
+Tensors are batch first: hidden ``[B, q, d]``, memory ``[B, m, d]``, scores ``[B, H, q, k]``
+contiguous (handled as ``[B·H, q, k]``). Queries are projected from the segment only (the
+reference projects memory rows too and throws those queries away). The 1/sqrt(d_head) scale
+is folded into the queries; the score tensor is written once by the masked positional term,
+accumulated into by the content GEMM and read by the softmax. Nothing here synchronises
+with the host: masks are additive tensors built without data-dependent branches.
 """
 from __future__ import annotations
 

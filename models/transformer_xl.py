@@ -251,6 +251,8 @@ class TransformerXL(LanguageModel):
         klen = mlen + qlen
 
         h = self.word_emb(input_ids)
+        if mem is not None and mem.dtype != h.dtype:
+            mem = mem.to(h.dtype)  # e.g. fp32 memory restored into a bf16 model
         if self.attn_type == "absolute":
             # Vaswani sinusoid on the segment, positions counted back from its end (reference);
             # memory keeps the encodings it was computed with (the paper's §3.3 formulation).
