@@ -62,9 +62,10 @@ class TrainConfig:
 
     # Streams (DESIGN.md contract 2): global and fixed, independent of the world size.
     n_streams: int = 8               # batch rows = streams; each rank owns n_streams / world
-    tgt_len: int = 128
+    tgt_len: int = 0                 # 0: model.tgt_len (a different non-zero value is an error)
     micro_batches: int = 1           # gradient accumulation: each micro-batch owns its streams and memory
     roll: bool = True                # per-epoch random cyclic shift of every stream (NVIDIA's --roll)
+    stream_mode: Literal["auto", "ordered", "shuffled_sentences"] = "auto"  # auto: shuffled for sentence corpora (lm1b)
 
     # Optimisation.
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -92,6 +93,7 @@ class TrainConfig:
     eval_every: int = 0              # 0: no periodic validation
     eval_tgt_len: int = 0            # 0: tgt_len; memory is extended to keep tgt_len + mem_len (reference)
     eval_max_steps: int = 0          # 0: the whole valid split
+    eval_n_streams: int = 0          # 0: n_streams (a multiple of the world size)
     save_every: int = 0              # 0: only at the end and on preemption
     keep_last: int = 3
     resume: bool = True              # continue from output/latest when it exists

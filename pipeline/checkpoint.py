@@ -1,0 +1,318 @@
+"""Training checkpoints (DESIGN.md contract 4): DeepSpeed's engine state + our per-rank state.
+
+Layout under ``train.output``::
+
+    checkpoints/
+      latest                        the tag of the newest complete checkpoint (moved last)
+      global_step{N}/               DeepSpeed's files (engine.save_checkpoint on every rank)
+        xlpipe/meta.json            rank 0: step, world size, config, MLflow run id, manifest hash
+        xlpipe/rank{r}.pt           rank r: stream cursors, memory rows by stream id, RNG states
+        universal/                  made on demand for an elastic resume (ds_to_universal)
+
+Per-rank files exist because DeepSpeed keeps ``client_state`` only in rank 0's model file
+(stages 0-2): every rank would get rank 0's memory and RNG back. Writes are atomic: everything
+goes into ``checkpoints/.tmp/global_step{N}``; after a barrier rank 0 renames it into place and
+then rewrites ``latest``. A crash mid-save leaves the previous checkpoint untouched.
+
+Our files hold only tensors, numbers and strings and load with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import distributed
+from .shards import Manifest, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "xlpipe-checkpoint"
+VERSION = 1
+CKPT_DIR = "checkpoints"
+OURS = "xlpipe"               # our sub-directory inside a DeepSpeed tag directory
+UNIVERSAL = "universal"       # ds_to_universal output inside a tag directory
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, or does not fit this run."""
+
+
+def root_dir(output: str | Path) -> Path:
+    return Path(output) / CKPT_DIR
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def list_tags(root: str | Path) -> list[tuple[int, str]]:
+    """Complete checkpoints (those with our meta file), oldest first."""
+    root = Path(root)
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _TAG.match(d.name)
+            if m and (d / OURS / "meta.json").is_file():
+                out.append((int(m.group(1)), d.name))
+    return sorted(out)
+
+
+def latest_tag(root: str | Path) -> Optional[str]:
+    """The tag in ``root/latest``; None when there is no checkpoint at all."""
+    root = Path(root)
+    pointer = root / "latest"
+    tags = list_tags(root)
+    if not pointer.is_file():
+        if tags:
+            raise CheckpointError(f"{root} holds checkpoints {[t for _, t in tags]} but no 'latest' file; "
+                                  f"write the tag to resume from into {pointer}")
+        return None
+    tag = pointer.read_text().strip()
+    if not (root / tag / OURS / "meta.json").is_file():
+        raise CheckpointError(f"{pointer} names {tag!r}, which is not a complete checkpoint under {root}; "
+                              f"complete ones: {[t for _, t in tags] or 'none'}")
+    return tag
+
+
+# ----------------------------------------------------------------------------- per-rank state
+
+
+def rng_state() -> dict:
+    """python, numpy, torch (and CUDA) generator states as tensors and plain lists."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            log.warning("checkpoint holds %d CUDA RNG states, this process sees %d devices; restoring the common ones",
+                        len(state["cuda"]), torch.cuda.device_count())
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+def memory_rows(memories: Sequence[Any], ids: Sequence[Sequence[int]]) -> dict:
+    """``{"ids": [...], "fields": {name: tensor}}``: every micro-batch's memory rows, on CPU,
+    row i belonging to stream ``ids[i]``."""
+    mems = [m.to(device="cpu") for m in memories]
+    merged = type(mems[0]).cat(mems)
+    flat = [int(i) for block in ids for i in block]
+    return {"ids": flat, "fields": merged.state_dict()}
+
+
+def select_memory(saved: Sequence[dict], ids: Sequence[int], memory_cls: type, device=None, dtype=None):
+    """Memory rows of ``ids`` gathered from one or more ranks' ``memory_rows`` (elastic resume)."""
+    where: dict[int, tuple[int, int]] = {}
+    for k, part in enumerate(saved):
+        for row, sid in enumerate(part["ids"]):
+            where[sid] = (k, row)
+    missing = [i for i in ids if i not in where]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no memory for stream ids {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''}; it holds {len(where)} streams")
+    rows = []
+    for sid in ids:
+        k, row = where[sid]
+        rows.append(memory_cls.from_state_dict({n: t[row: row + 1] for n, t in saved[k]["fields"].items()}))
+    return memory_cls.cat(rows).to(device=device, dtype=dtype)
+
+
+def _save_torch(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_rank_file(ckpt: Path, rank: int) -> dict:
+    path = ckpt / OURS / f"rank{rank}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint {ckpt} is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
+def load_meta(ckpt: Path) -> dict:
+    path = ckpt / OURS / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+                              f"this code reads {FORMAT!r} version {VERSION}")
+    return meta
+
+
+# ----------------------------------------------------------------------------- manifest identity
+
+
+def manifest_summary(manifest: Manifest) -> dict:
+    """What a checkpoint records about its data, to say what changed when the hash differs."""
+    tok = manifest.tokenizer
+    return {
+        "sha256": manifest.sha256(), "corpus": manifest.corpus, "dtype": manifest.dtype,
+        "chunk_tokens": manifest.chunk_tokens, "sentences": manifest.sentences, "options": manifest.options,
+        "tokenizer": {k: tok.get(k) for k in ("kind", "sha256", "vocab_size")},
+        "splits": {name: {"tokens": s.total_tokens, "shards": len(s.shards),
+                          "sha256": [x.sha256 for x in s.shards]} for name, s in manifest.splits.items()},
+    }
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    if a != b:
+        short = lambda v: (repr(v)[:60] + "...") if len(repr(v)) > 60 else repr(v)  # noqa: E731
+        return [f"{prefix[:-1]}: {short(a)} -> {short(b)}"]
+    return []
+
+
+def check_manifest(meta: dict, manifest: Manifest, shard_dir: str, ckpt: Path) -> None:
+    now = manifest_summary(manifest)
+    saved = meta.get("manifest", {})
+    if saved.get("sha256") == now["sha256"]:
+        return
+    changes = [d for d in _diff(saved, now) if not d.startswith("sha256")]
+    raise CheckpointError(f"the shards in {shard_dir} are not the ones checkpoint {ckpt} was trained on "
+                          f"(manifest sha256 {saved.get('sha256', '?')[:12]}... -> {now['sha256'][:12]}...); "
+                          f"differences: {'; '.join(changes) or 'only the hash'}. Resume with the original "
+                          f"shards (data.output) or start a new run (another train.output)")
+
+
+def config_changes(meta: dict, current: dict) -> list[str]:
+    return _diff(meta.get("config", {}), current)
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save(engine, output: str | Path, step: int, rank_state: dict, meta: dict, keep_last: int) -> Path:
+    """Save a complete checkpoint at ``step`` from every rank (a collective); returns its directory."""
+    root = root_dir(output)
+    tag = tag_for(step)
+    final = root / tag
+    rank = distributed.get_rank()
+    if distributed.broadcast_object(final.exists() if rank == 0 else None):
+        return final                                   # saved already at this step (periodic + final)
+    staging = root / ".tmp"
+    if rank == 0:
+        shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a crashed save
+        staging.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+    ours = staging / tag / OURS
+    ours.mkdir(parents=True, exist_ok=True)
+    _save_torch(ours / f"rank{rank}.pt", rank_state)
+    if rank == 0:
+        atomic_write_json(ours / "meta.json", {"format": FORMAT, "version": VERSION, "tag": tag, "step": step,
+                                               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta})
+    distributed.barrier()
+    if rank == 0:
+        world = distributed.get_world_size()
+        absent = [r for r in range(world) if not (ours / f"rank{r}.pt").is_file()]
+        if absent:  # a rank on another node writing elsewhere: the output must be a shared filesystem
+            raise CheckpointError(f"{ours} lacks the files of ranks {absent}; train.output must be on a "
+                                  f"filesystem every node shares")
+        os.replace(staging / tag, final)
+        for script in staging.glob("*.py"):          # DeepSpeed's zero_to_fp32.py & co, beside the tags
+            os.replace(script, root / script.name)
+        atomic_write_bytes(root / "latest", (tag + "\n").encode())
+        prune(root, keep_last, keep=tag)
+    distributed.barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int, keep: str) -> list[str]:
+    """Delete all but the newest ``keep_last`` checkpoints (never ``keep``, the latest)."""
+    if keep_last <= 0:
+        return []
+    tags = [t for _, t in list_tags(root)]
+    doomed = [t for t in tags[:-keep_last] if t != keep]
+    for t in doomed:
+        shutil.rmtree(root / t, ignore_errors=True)
+    if doomed:
+        log.info("removed old checkpoints %s (train.keep_last=%d)", ", ".join(doomed), keep_last)
+    return doomed
+
+
+# ----------------------------------------------------------------------------- universal (elastic)
+
+
+def universal_dir(ckpt: Path) -> Path:
+    return ckpt / UNIVERSAL
+
+
+def make_universal(ckpt: Path) -> Path:
+    """Convert a ZeRO checkpoint for another world size with DeepSpeed's ``ds_to_universal``
+    (once; later calls reuse it). Call on one rank."""
+    out = universal_dir(ckpt)
+    if (out / "zero").is_dir() and (out / ".complete").is_file():
+        return out
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = ckpt / f".{UNIVERSAL}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    try:
+        ds_to_universal.main(args)
+        (tmp / ".complete").touch()
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def consolidated_state_dict(ckpt: str | Path) -> dict:
+    """The full fp32 model state dict of a checkpoint directory, whatever its ZeRO stage
+    (stages 1-3 through DeepSpeed's zero_to_fp32; stage 0 keeps whole weights in rank 0's file)."""
+    ckpt = Path(ckpt)
+    meta = load_meta(ckpt)
+    if meta.get("zero_stage", 0) == 0:
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        return {k: v.float() for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))

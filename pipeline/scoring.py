@@ -1,0 +1,121 @@
+"""Scoring a split with memory: the token-weighted NLL the reference reports, summed over ranks.
+
+``score_split(model, shard_dir, "valid", n_streams=10, tgt_len=64, mem_len=640)`` runs every
+stream of the split in order, carrying each stream's memory from segment to segment, and returns
+``{"nll_sum", "tokens"}`` summed over all ranks (each rank scores its own block of streams), so
+``loss = nll_sum / tokens``, ``ppl = exp(loss)`` and ``bpc = loss / ln 2``. ``model`` is a
+``models`` LanguageModel or a DeepSpeed engine around one (ZeRO-3 needs the engine: its forward
+gathers the partitioned weights; every rank then runs the same number of forwards).
+
+Evaluation lengths differ from training (Dai et al. §3.2: longer memory, clamp_len and
+same_length at test time); :func:`eval_lengths` sets them and restores the training values
+afterwards, also when scoring fails. With ``warm_tokens`` every stream is first run over the
+tokens that precede it (NVIDIA's warm start), so every scored token has full memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from . import distributed
+from .streams import open_streams
+
+
+def _module(model) -> torch.nn.Module:
+    return getattr(model, "module", model)   # a DeepSpeed engine wraps the model
+
+
+def train_eval_mem_len(mem_len: int, tgt_len: int, eval_tgt_len: int) -> int:
+    """Memory for train-time validation that keeps the attention span ``mem_len + tgt_len``
+    (the reference's rule; without memory there is nothing to extend)."""
+    return max(mem_len + tgt_len - eval_tgt_len, 0) if mem_len > 0 else 0
+
+
+@contextlib.contextmanager
+def eval_lengths(model, tgt_len: Optional[int] = None, mem_len: Optional[int] = None,
+                 clamp_len: Optional[int] = None, same_length: Optional[bool] = None) -> Iterator[None]:
+    """Temporarily set the model's evaluation lengths (None keeps a value); restored on exit."""
+    m = _module(model)
+    wanted = {"tgt_len": tgt_len, "mem_len": mem_len, "clamp_len": clamp_len, "same_length": same_length}
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    lacking = [k for k in wanted if not hasattr(m, k)]
+    if lacking:
+        raise ValueError(f"{type(m).__name__} has no {', '.join(lacking)} to set for evaluation")
+    saved = {k: getattr(m, k) for k in ("tgt_len", "ext_len", "mem_len", "clamp_len", "same_length")
+             if hasattr(m, k)}
+    try:
+        if hasattr(m, "reset_length") and ("tgt_len" in wanted or "mem_len" in wanted):
+            m.reset_length(wanted.get("tgt_len", saved["tgt_len"]), saved.get("ext_len", 0),
+                           wanted.get("mem_len", saved["mem_len"]))
+        for k, v in wanted.items():
+            setattr(m, k, v)
+        yield
+    finally:
+        if hasattr(m, "reset_length") and "tgt_len" in saved:
+            m.reset_length(saved["tgt_len"], saved.get("ext_len", 0), saved["mem_len"])
+        for k, v in saved.items():
+            setattr(m, k, v)
+
+
+@torch.no_grad()
+def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt_len: int,
+                mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                same_length: Optional[bool] = None, warm_tokens: int = 0, max_steps: int = 0,
+                rank: Optional[int] = None, world_size: Optional[int] = None,
+                device: Optional[torch.device] = None, memory_dtype: Optional[torch.dtype] = None,
+                reduce: bool = True) -> dict:
+    """NLL summed over the split's scored tokens and their count, over all ranks (see module doc).
+
+    ``max_steps`` > 0 scores only the first ``max_steps`` segments of every stream (the same
+    count on every rank). ``reduce=False`` returns this rank's sums only.
+    """
+    rank = distributed.get_rank() if rank is None else rank
+    world_size = distributed.get_world_size() if world_size is None else world_size
+    module = _module(model)
+    param = next(module.parameters())
+    device = param.device if device is None else device
+    was_training = module.training
+    model.eval()
+    streams = open_streams(shard_dir, split, n_streams=n_streams, tgt_len=tgt_len, rank=rank,
+                           world_size=world_size, warm_tokens=warm_tokens, drop_last=False)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    try:
+        with eval_lengths(model, tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length):
+            memory = module.init_memory(len(streams.ids), device=device)
+            if memory_dtype is not None:
+                memory = memory.to(dtype=memory_dtype)
+            scored = 0
+            for batch in streams:
+                inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+                out = model(inputs, targets, memory=memory)
+                memory = out.memory
+                if batch.warmup:
+                    continue
+                nll_sum += out.nll.double().sum()
+                tokens += targets.numel()
+                scored += 1
+                if max_steps and scored >= max_steps:
+                    break
+    finally:
+        streams.close()
+        model.train(was_training)
+    if not reduce:
+        return {"nll_sum": float(nll_sum), "tokens": tokens}
+    total, count = distributed.all_reduce_sum([float(nll_sum), float(tokens)])
+    return {"nll_sum": total, "tokens": int(count)}
+
+
+def summarize(nll_sum: float, tokens: int, bpc: bool) -> dict:
+    """``loss`` (nats per token) and ``ppl`` or ``bpc``."""
+    loss = nll_sum / max(tokens, 1)
+    out = {"loss": loss}
+    if bpc:
+        out["bpc"] = loss / math.log(2)
+    else:
+        out["ppl"] = math.exp(min(loss, 700.0))
+    return out
