@@ -100,8 +100,75 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class EvalSpeedConfig:
+    """Eval speed (Dai et al. Table 9): cached-memory evaluation vs Al-Rfou's sliding window."""
+
+    attn_lens: List[int] = field(default_factory=list)  # attention lengths to measure; empty: not measured
+    tgt_len: int = 0                 # cached path segment (0: eval.tgt_len); its mem_len = attn_len - tgt_len
+    batch_size: int = 1              # streams (cached) and windows (sliding) per forward
+    cached_tokens: int = 2048        # predictions timed per repeat on the cached path (after the memory is full)
+    sliding_windows: int = 16        # predictions (full windows) timed per repeat on the sliding path
+    repeats: int = 3                 # the median repeat is reported
+
+
+@dataclasses.dataclass
+class ReclConfig:
+    """Relative effective context length of a group of models (Dai et al. §4.3, Appendix C)."""
+
+    sources: List[str] = field(default_factory=list)    # run dirs, checkpoint dirs or exports; empty: no RECL
+    names: List[str] = field(default_factory=list)      # one per source (default: the directory names)
+    contexts: List[int] = field(default_factory=list)   # growing context lengths c0 < c0+Δ < ...
+    ratios: List[float] = field(default_factory=lambda: [0.1, 0.5, 1.0])  # r: share of the hardest positions
+    threshold: float = 0.01          # stop when the relative gain falls below 1 %
+    positions: int = 1000            # target positions sampled from the split (the same for every model)
+    batch_size: int = 16
+
+
+@dataclasses.dataclass
 class EvalConfig:
+    """``python -m pipeline.evaluate`` (README "Evaluation"). Lengths default to the model's."""
+
+    source: str = ""                 # run dir, checkpoint dir (global_stepN) or export dir; "": train.output
     split: str = "valid"
+    tgt_len: int = 0                 # 0: model.tgt_len
+    mem_len: int = -1                # -1: keep the training attention span (model.mem_len + model.tgt_len - tgt_len)
+    clamp_len: Optional[int] = None  # None: model.clamp_len (-1: no clamp)
+    same_length: Optional[bool] = None  # None: model.same_length
+    n_streams: int = 10              # eval batch (streams); a multiple of the world size
+    warm_tokens: int = -1            # -1: mem_len (NVIDIA's warm start: every scored token has full memory); 0: cold
+    max_steps: int = 0               # 0: the whole split; else the first max_steps segments of every stream
+    mem_lens: List[int] = field(default_factory=list)   # sweep: one evaluation per memory length, plus a plot
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"     # model weights on the device (NLL sums stay fp64)
+    dump: str = ""                   # per-token NLL (.npz: nll per split position, NaN where unscored)
+    output: str = ""                 # report directory; "": <run dir>/eval or <export dir>/eval
+    speed: EvalSpeedConfig = field(default_factory=EvalSpeedConfig)
+    recl: ReclConfig = field(default_factory=ReclConfig)
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """``python -m pipeline.export``: a checkpoint → model.safetensors + config + tokenizer + meta."""
+
+    source: str = ""                 # run dir (its latest checkpoint) or checkpoint dir; "": train.output
+    output: str = ""                 # "": <run dir>/export/<tag>
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    overwrite: bool = False
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """``python -m pipeline.generate``: sampling from an export with cached memory."""
+
+    export: str = ""                 # export directory
+    prompt: str = ""
+    prompt_file: str = ""            # read the prompt from this file instead
+    tokens: int = 200                # new tokens to sample
+    temperature: float = 1.0         # 0: greedy
+    top_k: int = 0                   # 0: off
+    top_p: float = 1.0               # 1.0: off (nucleus sampling below 1)
+    seed: int = 0
+    mem_len: int = 0                 # 0: model.mem_len (bounds the context, and the cost per token)
+    clamp_len: Optional[int] = None  # None: model.clamp_len
 
 
 @dataclasses.dataclass
@@ -121,6 +188,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
