@@ -125,7 +125,8 @@ def test_requeue_refused_by_scontrol_is_logged(slurm_cluster, monkeypatch, caplo
 
 # ---------------------------------------------------------------------------- cluster/*.sh
 
-# Stands in for pipeline.train until that stage exists: the same CLI, then the self-check.
+# Stands in for pipeline.train in the tests of the scripts' own behaviour (headers, warnings,
+# chaining): the same CLI, then the self-check. The training stage itself runs for real below.
 STUB_STAGE = '''
 import json, os, sys
 from pipeline import distributed
@@ -138,44 +139,118 @@ print(json.dumps(report), flush=True)
 '''
 
 
-@pytest.fixture
-def stub_repo(tmp_path):
-    """A copy of cluster/ and pipeline/ whose pipeline.train is the stub above."""
+def _copy_repo(root):
     import shutil
 
-    root = tmp_path / "repo"
-    shutil.copytree(REPO / "cluster", root / "cluster")
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "models", root / "models", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "pipeline" / "train.py").write_text(STUB_STAGE)
-    (root / "configs").mkdir()
-    (root / "configs" / "t.yaml").write_text("train:\n  max_steps: 2\n")
+    for d in ("cluster", "pipeline", "models", "configs"):
+        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "logs").mkdir()
     return root
 
 
-def test_train_sh_runs_one_task_per_gpu(slurm_cluster, stub_repo):
+@pytest.fixture
+def stub_repo(tmp_path):
+    """A copy of the repo whose pipeline.train is the stub above."""
+    root = _copy_repo(tmp_path / "repo")
+    (root / "pipeline" / "train.py").write_text(STUB_STAGE)
+    (root / "configs" / "t.yaml").write_text("train:\n  max_steps: 2\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_repo(tmp_path_factory):
+    """A copy of the repo (jobs write logs/ and runs/ there) and real shards for configs/tiny.yaml."""
+    from train_fixtures import make_shards
+
+    base = tmp_path_factory.mktemp("slurm-train")
+    return _copy_repo(base / "repo"), make_shards(base / "data")
+
+
+def _train_overrides(shards, out, db, **kw) -> list[str]:
+    from train_fixtures import TINY
+
+    args = [*TINY, f"data.output={shards}", f"train.output={out}", "tracking.enabled=true",
+            f"tracking.uri=sqlite:///{db}", "tracking.system_metrics=false", "tracking.experiment=slurm"]
+    return args + [f"{k}={v}" for k, v in kw.items()]
+
+
+def _run_of(db, run_id):
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        status = con.execute("SELECT status FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()[0]
+        tags = dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)).fetchall())
+        steps = [s for (s,) in con.execute("SELECT step FROM metrics WHERE run_uuid = ? AND key = 'loss'",
+                                           (run_id,)).fetchall()]
+        n_runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    return status, tags, sorted(steps), n_runs
+
+
+def test_train_sh_trains_two_tasks_with_a_checkpoint_and_an_mlflow_run(slurm_cluster, train_repo, tmp_path):
     from slurm_harness import SMALL_JOB
 
+    repo, shards = train_repo
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
     # Rank variables left in the submitting shell must not override what srun gives each task.
     env = job_env() | {"XLPIPE_PYTHON": PY, "RANK": "7", "WORLD_SIZE": "9", "LOCAL_RANK": "3"}
-    job = slurm_cluster.sbatch([*SMALL_JOB, "cluster/train.sh", "configs/t.yaml", "train.max_steps=3"],
-                               cwd=stub_repo, env=env)
-    info = slurm_cluster.wait(job, timeout=120)
-    log = stub_repo / "logs" / f"xlpipe-train-{job}.out"  # --output=logs/%x-%j.out
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    job = slurm_cluster.sbatch([*SMALL_JOB, "cluster/train.sh", "configs/tiny.yaml",
+                                *_train_overrides(shards, out, db, **{"train.save_every": 0})], cwd=repo, env=env)
+    info = slurm_cluster.wait(job, timeout=240)
+    text = (repo / "logs" / f"xlpipe-train-{job}.out").read_text()   # --output=logs/%x-%j.out
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
     assert info["Requeue"] == "1"  # --requeue from the header
-    assert "=== xlpipe train" in text and "config configs/t.yaml  overrides: train.max_steps=3" in text
-    assert "  | train:" in text  # the config is printed at the start
+    assert "=== xlpipe train" in text and "config configs/tiny.yaml  overrides:" in text
     assert "tasks 2 (2/node)" in text and "gpus/node 2" in text and "WARNING" not in text
-    reports = sorted((json.loads(line) for line in text.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
-    assert [r["rank"] for r in reports] == [0, 1]
-    for r in reports:
-        assert r["launcher"] == "srun" and r["world_size"] == 2 and r["all_reduce_sum"] == 3
-        assert r["argv"] == ["--config", "configs/t.yaml", "train.max_steps=3"]
-        assert r["omp"] == "1" and r["python"] == PY  # --cpus-per-task=1, XLPIPE_PYTHON
+    assert "train[0]: step 6/6 | loss" in text
+    meta = json.loads((out / "checkpoints" / "global_step6" / "xlpipe" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 6
+    assert sorted(p.name for p in (out / "checkpoints" / "global_step6" / "xlpipe").glob("rank*.pt")) == \
+        ["rank0.pt", "rank1.pt"]
+    status, tags, steps, _ = _run_of(db, meta["mlflow_run_id"])
+    assert status == "FINISHED" and steps == [2, 4, 6]
+    assert tags["slurm_job_id"] == job and tags["world_size"] == "2" and tags["slurm_restart_count"] == "0"
+
+
+def test_train_sh_preempted_saves_requeues_and_resumes_in_the_same_run(slurm_cluster, train_repo, tmp_path):
+    """scancel --signal=USR1 (what --signal=USR1@120 does) -> every task saves -> rank 0 requeues ->
+    the requeued job resumes from the checkpoint in the same MLflow run and finishes."""
+    from slurm_harness import SMALL_JOB
+
+    repo, shards = train_repo
+    out, db = tmp_path / "run", tmp_path / "mlflow.db"
+    steps = 2000
+    job = slurm_cluster.sbatch([*SMALL_JOB, "cluster/train.sh", "configs/tiny.yaml",
+                                *_train_overrides(shards, out, db, **{"train.max_steps": steps,
+                                                                      "train.save_every": 0,
+                                                                      "train.log_every": 20})],
+                               cwd=repo, env=job_env() | {"XLPIPE_PYTHON": PY})
+    log = repo / "logs" / f"xlpipe-train-{job}.out"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (log.exists() and f"step 40/{steps}" in log.read_text()):
+        assert slurm_cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
+            log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.2)
+    slurm_cluster.run(["scancel", "--signal=USR1", job])
+    info = slurm_cluster.wait(job, timeout=120, until=lambda i: i.get("Restarts") == "1"
+                              and i.get("JobState") == "PENDING")
+    text = log.read_text()
+    assert "stopped by signal at step" in text and "job requeued" in text, text[-4000:]
+    stop_step = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
+    assert 40 <= stop_step < steps
+    first = json.loads((out / "checkpoints" / f"global_step{stop_step}" / "xlpipe" / "meta.json").read_text())
+    status, tags, _, _ = _run_of(db, first["mlflow_run_id"])
+    assert status == "SCHEDULED" and tags["requeued"] == "true" and tags["preempted_at_step"] == str(stop_step)
+
+    slurm_cluster.release(job)
+    info = slurm_cluster.wait(job, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-5000:]
+    assert f"resumed from {out / 'checkpoints' / f'global_step{stop_step}'} at step {stop_step}" in text
+    final = json.loads((out / "checkpoints" / f"global_step{steps}" / "xlpipe" / "meta.json").read_text())
+    assert final["mlflow_run_id"] == first["mlflow_run_id"]
+    status, tags, logged, n_runs = _run_of(db, final["mlflow_run_id"])
+    assert status == "FINISHED" and n_runs == 1 and tags["slurm_restart_count"] == "1"
+    assert logged[-1] == steps
 
 
 def test_mismatched_tasks_and_gpus_warn(slurm_cluster, stub_repo):
