@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -67,11 +67,12 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
                 same_length: Optional[bool] = None, warm_tokens: int = 0, max_steps: int = 0,
                 rank: Optional[int] = None, world_size: Optional[int] = None,
                 device: Optional[torch.device] = None, memory_dtype: Optional[torch.dtype] = None,
-                reduce: bool = True) -> dict:
+                reduce: bool = True, on_scored: Optional[Callable] = None) -> dict:
     """NLL summed over the split's scored tokens and their count, over all ranks (see module doc).
 
     ``max_steps`` > 0 scores only the first ``max_steps`` segments of every stream (the same
-    count on every rank). ``reduce=False`` returns this rank's sums only.
+    count on every rank). ``reduce=False`` returns this rank's sums only. ``on_scored(batch, nll)``
+    sees every scored batch and its per-token NLL (the evaluation stage's per-token dump).
     """
     rank = distributed.get_rank() if rank is None else rank
     world_size = distributed.get_world_size() if world_size is None else world_size
@@ -97,6 +98,8 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
                 if batch.warmup:
                     continue
                 nll_sum += out.nll.double().sum()
+                if on_scored is not None:
+                    on_scored(batch, out.nll)
                 tokens += targets.numel()
                 scored += 1
                 if max_steps and scored >= max_steps:
