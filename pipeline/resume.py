@@ -56,7 +56,7 @@ def find_resume(cfg: Config, manifest: Manifest, world_size: int) -> Optional[Re
         raise ckpt.CheckpointError(f"the model config differs from checkpoint {path}: {'; '.join(changes)}; "
                                    f"resume with the saved model settings")
     changed = [c for c in ckpt.config_changes(meta, to_dict(cfg)) if not c.startswith("model.")]
-    if changed:
+    if changed and distributed.is_main():
         log.warning("resuming %s with changed settings: %s", path, "; ".join(changed))
     elastic = (meta["world_size"], meta["micro_batches"]) != (world_size, cfg.train.micro_batches)
     point = ResumePoint(path, meta, elastic)
@@ -78,7 +78,7 @@ def _prepare_universal(point: ResumePoint, cfg: Config) -> None:
             result = f"{type(exc).__name__}: {exc}"
     result = distributed.broadcast_object(result)
     point.universal = result == "ok"
-    if not point.universal:
+    if not point.universal and distributed.is_main():
         log.warning("could not convert %s to DeepSpeed's universal checkpoint (%s); resuming with the weights "
                     "and a FRESH optimizer state (Adam moments restart)", point.path, result)
 
@@ -105,13 +105,14 @@ def restore(engine, cfg: Config, point: ResumePoint, streams, rank: int,
         parts = [f["memory"] for f in files]
         stream_state = merge_states([f["streams"] for f in files])
         own = files[rank] if rank < len(files) else None
-        log.warning("elastic resume: %d ranks x %d micro-batches -> %d x %d; streams and memory reassigned by "
-                    "stream id", meta["world_size"], meta["micro_batches"], distributed.get_world_size(),
-                    len(micro_ids))
+        if rank == 0:
+            log.warning("elastic resume: %d ranks x %d micro-batches -> %d x %d; streams and memory "
+                        "reassigned by stream id", meta["world_size"], meta["micro_batches"],
+                        distributed.get_world_size(), len(micro_ids))
     if engine.global_steps != point.step:     # weights-only loads do not restore DeepSpeed's counters
         fast_forward_schedule(engine, point.step)
     changed = retarget_schedule(engine, cfg.train, point.step)
-    if changed:
+    if changed and rank == 0:
         log.warning("the learning-rate schedule follows this run's config: %s", "; ".join(changed))
     streams.load_state_dict(stream_state)
     module = engine.module

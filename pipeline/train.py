@@ -309,8 +309,9 @@ class Run:
         requeued = distributed.requeue() if self.rank == 0 else False
         self.tracker.mark_preempted(requeued, self.step)
         self.summary.update(stopped=True, requeued=requeued)
-        log.warning("stopped by signal at step %d; saved %s%s", self.step, path,
-                    "; job requeued" if requeued else "")
+        if self.rank == 0:
+            log.warning("stopped by signal at step %d; saved %s%s", self.step, path,
+                        "; job requeued" if requeued else "")
 
     def close(self) -> None:
         self.summary.update(step=self.step, tokens_seen=self.step * self.tokens_per_step)
