@@ -5,9 +5,9 @@ Same world size and micro-batch layout: DeepSpeed loads its own state, every ran
 
 Another layout (elastic): the streams of all ranks are merged and reassigned by stream id,
 memory rows are picked by stream id, ranks that existed keep their RNG. Optimizer state:
-fp32 stage 0 keeps it whole in rank 0's file (loads anywhere); otherwise (ZeRO 1-3, or the
-bf16 optimizer, which partitions too) DeepSpeed's universal checkpoint re-partitions it; if that
-conversion fails, a warning and the weights with a fresh optimizer state.
+stage 0 keeps it whole in rank 0's model file (loads anywhere); ZeRO 1-3 partition it and
+DeepSpeed's universal checkpoint re-partitions it; if that conversion fails, a warning and the
+weights with a fresh optimizer state.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def find_resume(cfg: Config, manifest: Manifest, world_size: int) -> Optional[Re
 
 def _prepare_universal(point: ResumePoint, cfg: Config) -> None:
     """Rank 0 converts; every rank learns the outcome (it decides the DeepSpeed config)."""
-    if cfg.train.zero_stage == 0 and cfg.train.precision == "fp32":
+    if cfg.train.zero_stage == 0:
         return
     result = None
     if distributed.is_main():
@@ -95,8 +95,7 @@ def restore(engine, cfg: Config, point: ResumePoint, streams, rank: int,
     else:
         if point.universal:
             engine.load_checkpoint(str(path), tag=ckpt.UNIVERSAL)
-        elif meta["world_size"] == distributed.get_world_size() or (
-                cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"):
+        elif meta["world_size"] == distributed.get_world_size() or cfg.train.zero_stage == 0:
             engine.load_checkpoint(str(path.parent), tag=path.name)
         else:
             engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True,
