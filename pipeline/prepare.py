@@ -140,6 +140,19 @@ def encode_unit(corpus: Corpus, tok: Tokenizer, unit: Unit) -> tuple[np.ndarray,
         raise CorpusError(f"{_locate(corpus, unit, exc.line)}: {exc}") from None
 
 
+def text_stats(corpus: Corpus, unit: Unit) -> dict:
+    """Words (whitespace-separated), characters, UTF-8 bytes and lines of a unit's source text, as
+    the tokenizer sees it: evaluation normalises per word / byte with them (pipeline.evaluate)."""
+    if corpus.mode == "bytes":   # raw bytes (enwik8: after its newline option); characters by UTF-8
+        raw = corpus.read_bytes(unit)
+        text = raw.decode("utf-8", errors="replace")
+        nbytes = len(raw)
+    else:
+        text = unit_text(corpus, unit)
+        nbytes = len(text.encode("utf-8", errors="surrogatepass"))
+    return {"words": len(text.split()), "chars": len(text), "bytes": nbytes, "lines": text.count("\n")}
+
+
 def _locate(corpus: Corpus, unit: Unit, line: int) -> str:
     """'file, line N' of a line of a unit's text (error path only)."""
     p = unit.pieces[0]
@@ -177,6 +190,7 @@ def _encode_task(unit: Unit, fingerprint: str) -> tuple[Optional[dict], int, flo
     else:
         info = dataclasses.asdict(write_shard(out, unit.split, unit.index, tokens, _W["chunk_tokens"],
                                               _W["dtype"], starts))
+        info["text"] = text_stats(_W["corpus"], unit)
     atomic_write_json(_sidecar(out, unit), {"fingerprint": fingerprint, "shard": info})
     return info, int(len(tokens)), time.perf_counter() - t0
 
@@ -357,6 +371,8 @@ def check_unit(out: Path, unit: Unit, fingerprint: str, hash_check: bool = True)
         return None, "stale (built from other inputs or options)"
     if rec.get("shard") is None:
         return rec, ""
+    if rec["shard"].get("text") is None:
+        return None, "stale (no text statistics: written by an older prepare)"
     if hash_check:
         try:
             verify_shard(out, ShardInfo(**rec["shard"]))

@@ -84,6 +84,10 @@ class ShardInfo:
     chunks: list[int]         # token count of each chunk, in order
     crc32: list[int]          # zlib.crc32 of each chunk's token bytes
     sentences: int = 0        # sentence corpora: sentences starting in this shard
+    text: Optional[dict] = None  # the unit's source text: {"words", "chars", "bytes", "lines"} (per-word ppl, bpb)
+
+
+TEXT_STATS = ("words", "chars", "bytes", "lines")
 
 
 @dataclasses.dataclass
@@ -93,6 +97,14 @@ class SplitInfo:
     @property
     def total_tokens(self) -> int:
         return sum(s.tokens for s in self.shards)
+
+    @property
+    def text(self) -> Optional[dict]:
+        """Words, characters, UTF-8 bytes and lines of the split's source text; None when a
+        shard lacks them (shards from a prepare run older than these statistics)."""
+        if not self.shards or any(s.text is None for s in self.shards):
+            return None
+        return {k: sum(int(s.text[k]) for s in self.shards) for k in TEXT_STATS}
 
 
 @dataclasses.dataclass
@@ -110,6 +122,12 @@ class Manifest:
         out.update(dataclasses.asdict(self))
         for name, split in self.splits.items():
             out["splits"][name]["total_tokens"] = split.total_tokens
+            # Text statistics only where recorded, so a manifest written before them keeps its sha256.
+            for shard in out["splits"][name]["shards"]:
+                if shard.get("text") is None:
+                    shard.pop("text", None)
+            if split.text is not None:
+                out["splits"][name]["text"] = split.text
         return out
 
     def save(self, shard_dir: str | Path) -> None:
