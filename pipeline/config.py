@@ -130,6 +130,7 @@ class EvalConfig:
 
     source: str = ""                 # run dir, checkpoint dir (global_stepN) or export dir; "": train.output
     split: str = "valid"
+    perplexity: bool = True          # false: only the eval-speed and/or RECL parts
     tgt_len: int = 0                 # 0: model.tgt_len
     mem_len: int = -1                # -1: keep the training attention span (model.mem_len + model.tgt_len - tgt_len)
     clamp_len: Optional[int] = None  # None: model.clamp_len (-1: no clamp)
