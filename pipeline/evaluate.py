@@ -1,0 +1,524 @@
+"""Stage 3: perplexity / bits per character with the papers' evaluation settings.
+
+    python -m pipeline.evaluate --config configs/F.yaml [eval.split=test eval.mem_len=640 ...]
+    torchrun --nproc_per_node 2 -m pipeline.evaluate --config ...    (streams split over ranks)
+
+What is scored. The split is cut into ``eval.n_streams`` streams (pipeline/streams.py); each runs in
+segments of ``tgt_len`` tokens carrying its memory (``mem_len``; ``clamp_len`` and ``same_length``
+as configured, Dai et al. §3.2: longer memory at test time). Every target of every stream is scored
+once; only the split's first token and ``(T - 1) mod n_streams`` tail tokens are not. Warm start
+(``warm_tokens``, default = mem_len, NVIDIA's): each stream first runs unscored over the tokens
+that precede it, so every scored token has a full memory and the result does not depend on the
+number of streams; ``warm_tokens=0`` is the reference's cold start (each stream from empty
+memory). Ranks score disjoint blocks of streams; NLL sums and token counts are added across ranks.
+
+Metrics (token-weighted: total NLL / scored tokens, in nats): ``ppl = exp(loss)`` for word-level
+and sentencepiece tokens, ``bpc = loss / ln 2`` for char/byte tokens. For sentencepiece also the
+per-word perplexity and bits per byte / character of the source text: the mean NLL per scored
+token times the split's tokens per word (byte, char), i.e. total NLL / words when every token is
+scored; words, characters and bytes of each split are recorded by prepare in the manifest.
+
+Sources (``eval.source``): a run directory (its latest checkpoint), a checkpoint directory, or an
+export; the model is rebuilt from the saved resolved config, never from ``--config``'s model
+section, and the shards must be the ones it was trained on (manifest sha256).
+
+Outputs: a JSON report (settings, warm/cold, tokens, checkpoint step, manifest hash, metrics) in
+``eval.output`` (default ``<run>/eval``); an MLflow run nested under the training run with the
+report (and plots) as artifacts; an optional per-token NLL dump (``eval.dump``, .npz); with
+``eval.mem_lens`` a sweep and a perplexity-vs-memory plot; with ``eval.speed.attn_lens`` the
+eval-speed comparison (pipeline/evalspeed.py); with ``eval.recl.sources`` the RECL of that group
+(pipeline/recl.py).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import distributed
+from .config import Config, ConfigError, EvalConfig, arg_parser, flatten, parse_args
+from .export import (DTYPES, ExportError, is_export, load_checkpoint_model, load_export, read_meta,
+                     resolve_checkpoint, run_dir_of)
+from .scoring import score_split, train_eval_mem_len
+from .shards import Manifest, ShardError, SplitTokens, atomic_write_bytes, atomic_write_json
+from .streams import StreamError, StreamLayout
+
+log = logging.getLogger("pipeline.evaluate")
+
+FORMAT = "xlpipe-eval"
+VERSION = 1
+BPC_KINDS = ("char", "byte")
+
+
+class EvalError(RuntimeError):
+    """An evaluation that cannot run as configured."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass
+class Source:
+    """A model to evaluate and where it came from."""
+
+    kind: str                      # "checkpoint" or "export"
+    path: Path                     # the checkpoint directory or the export directory
+    model: Any
+    step: int
+    tag: str
+    mlflow_run_id: Optional[str]
+    manifest_sha256: str
+    extra: dict
+
+    @property
+    def report_dir(self) -> Path:
+        return (run_dir_of(self.path) if self.kind == "checkpoint" else self.path) / "eval"
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path.resolve()), "step": self.step, "tag": self.tag,
+                "mlflow_run_id": self.mlflow_run_id, **self.extra}
+
+
+def load_source(path: str | Path, manifest: Manifest, shard_dir: str, device: torch.device,
+                dtype: torch.dtype) -> Source:
+    """Load a run dir / checkpoint / export and check it was trained on these shards."""
+    from . import checkpoint as ckpt
+
+    if is_export(path):
+        model, _, meta = load_export(path, device=device, dtype=dtype)
+        if meta["manifest_sha256"] != manifest.sha256():
+            raise EvalError(f"export {path} was trained on shards with manifest sha256 "
+                            f"{meta['manifest_sha256'][:12]}..., but {shard_dir} has {manifest.sha256()[:12]}...; "
+                            f"point data.output at the shards it was trained on")
+        return Source("export", Path(path), model, meta["step"], meta["tag"], meta.get("mlflow_run_id"),
+                      meta["manifest_sha256"], {"zero_stage": meta.get("zero_stage"), "dtype": meta.get("dtype")})
+    cdir = resolve_checkpoint(path)
+    meta = ckpt.load_meta(cdir)
+    ckpt.check_manifest(meta, manifest, shard_dir, cdir)
+    model, _ = load_checkpoint_model(cdir, device=device, dtype=dtype)
+    return Source("checkpoint", cdir, model, meta["step"], meta["tag"], meta.get("mlflow_run_id"),
+                  meta["manifest"]["sha256"], {"zero_stage": meta.get("zero_stage"),
+                                               "precision": meta.get("precision")})
+
+
+# ----------------------------------------------------------------------------- settings and metrics
+
+
+def resolve_settings(e: EvalConfig, model, mem_len: Optional[int] = None) -> dict:
+    """The lengths this evaluation runs with (see EvalConfig); only those the model family has."""
+    cfg = model.cfg
+    tgt = e.tgt_len or cfg.tgt_len
+    if mem_len is None:
+        mem_len = e.mem_len if e.mem_len >= 0 else train_eval_mem_len(cfg.mem_len, cfg.tgt_len, tgt)
+    out = {"split": e.split, "tgt_len": tgt, "mem_len": mem_len, "n_streams": e.n_streams,
+           "max_steps": e.max_steps, "family": cfg.family}
+    if hasattr(model, "reset_length"):                     # Transformer-XL
+        out["clamp_len"] = cfg.clamp_len if e.clamp_len is None else e.clamp_len
+        out["same_length"] = cfg.same_length if e.same_length is None else e.same_length
+        out["same_length_keys"] = cfg.same_length_keys
+    else:                                                  # Al-Rfou: a window of L tokens
+        if tgt > model.context:
+            raise EvalError(f"eval.tgt_len={tgt} exceeds the model's window model.tgt_len={model.context}")
+        out["mem_len"] = min(mem_len, model.context - 1)
+    warm = out["mem_len"] if e.warm_tokens < 0 else e.warm_tokens
+    out["warm_tokens"] = warm
+    out["start"] = "warm" if warm > 0 else "cold"
+    return out
+
+
+def metrics(nll_sum: float, tokens: int, kind: str, split_tokens: int, text: Optional[dict]) -> dict:
+    """Token-weighted loss and ppl/bpc; per-word ppl and bits per byte/char for sentencepiece."""
+    if tokens <= 0:
+        raise EvalError("no token was scored; lower eval.n_streams or raise eval.max_steps")
+    loss = nll_sum / tokens
+    out = {"loss": loss}
+    if kind in BPC_KINDS:
+        out["bpc"] = loss / math.log(2)
+    else:
+        out["ppl"] = math.exp(min(loss, 700.0))
+    if kind == "sentencepiece" and text:
+        # mean NLL per token × the split's tokens per word (byte, char) = NLL per word of the text
+        per = {unit: loss * split_tokens / text[unit] for unit in ("words", "bytes", "chars") if text.get(unit)}
+        if "words" in per:
+            out["word_ppl"] = math.exp(min(per["words"], 700.0))
+        if "bytes" in per:
+            out["bpb"] = per["bytes"] / math.log(2)
+        if "chars" in per:
+            out["bpc"] = per["chars"] / math.log(2)
+    return out
+
+
+def _headline(m: dict) -> str:
+    parts = [f"loss {m['loss']:.4f}"]
+    for k in ("ppl", "word_ppl", "bpc", "bpb"):
+        if k in m:
+            parts.append(f"{k} {m[k]:.4f}" if k in ("bpc", "bpb") else f"{k} {m[k]:.2f}")
+    return " | ".join(parts)
+
+
+def main_metric(kind: str) -> str:
+    return "bpc" if kind in BPC_KINDS else "ppl"
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class TokenDump:
+    """Per-token NLL of this rank's scored batches, by position in the split."""
+
+    def __init__(self, layout: StreamLayout):
+        self.L = layout.tokens_per_stream
+        self.offsets: dict[int, int] = {}
+        self.positions: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    def __call__(self, batch, nll: torch.Tensor) -> None:
+        n = nll.shape[1]
+        nll = nll.detach().float().cpu().numpy()
+        for row, b in enumerate(batch.stream_ids):
+            o = self.offsets.get(b, 0)
+            # stream b's target j sits at split position b*L + j + 1 (pipeline/streams.py)
+            self.positions.append(b * self.L + o + 1 + np.arange(n))
+            self.values.append(nll[row])
+            self.offsets[b] = o + n
+
+    def gather(self, split_tokens: int) -> Optional[np.ndarray]:
+        """On rank 0: ``nll[position]`` (NaN where unscored) over all ranks; None elsewhere."""
+        mine = (np.concatenate(self.positions) if self.positions else np.empty(0, np.int64),
+                np.concatenate(self.values) if self.values else np.empty(0, np.float32))
+        parts = [mine]
+        if distributed.is_initialized() and distributed.get_world_size() > 1:
+            box = [None] * distributed.get_world_size() if distributed.is_main() else None
+            torch.distributed.gather_object(mine, box, dst=0)
+            parts = box
+        if not distributed.is_main():
+            return None
+        out = np.full(split_tokens, np.nan, dtype=np.float32)
+        for pos, val in parts:
+            out[pos] = val
+        return out
+
+
+def score(source: Source, shard_dir: str, manifest: Manifest, settings: dict, device: torch.device,
+          dump: bool = False) -> dict:
+    """One evaluation pass; sums over all ranks (and the gathered dump on rank 0)."""
+    split_tokens = manifest.split(settings["split"]).total_tokens
+    layout = StreamLayout(split_tokens, settings["n_streams"], settings["tgt_len"], settings["warm_tokens"], False)
+    recorder = TokenDump(layout) if dump else None
+    tic = time.perf_counter()
+    sums = score_split(source.model, shard_dir, settings["split"], n_streams=settings["n_streams"],
+                       tgt_len=settings["tgt_len"], mem_len=settings["mem_len"],
+                       clamp_len=settings.get("clamp_len"), same_length=settings.get("same_length"),
+                       warm_tokens=settings["warm_tokens"], max_steps=settings["max_steps"], device=device,
+                       on_scored=recorder)
+    seconds = time.perf_counter() - tic
+    out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"], "seconds": seconds,
+           "tokens_per_s": sums["tokens"] / max(seconds, 1e-9), "split_tokens": split_tokens,
+           "unscored_tokens": split_tokens - layout.scored_tokens}
+    if recorder is not None:
+        out["dump"] = recorder.gather(split_tokens)
+    return out
+
+
+def write_dump(path: str | Path, nll: np.ndarray, tokens: np.ndarray, settings: dict, source: Source) -> Path:
+    """``.npz`` with ``nll`` (float32 per split position; NaN: not scored) and ``tokens``."""
+    import io
+    import json
+
+    buf = io.BytesIO()
+    np.savez(buf, nll=nll, tokens=tokens, settings=np.array(json.dumps(settings | {"step": source.step})))
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_sweep(rows: list[dict], metric: str, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["settings"]["mem_len"] for r in rows]
+    ys = [r["metrics"][metric] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(xs, ys, marker="o")
+    for x, y in zip(xs, ys):
+        ax.annotate(f"{y:.3f}" if metric in ("bpc", "bpb") else f"{y:.2f}", (x, y), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("memory length (mem_len)")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _tracker(cfg: Config, source: Optional[Source], rank: int):
+    """A Tracker for this evaluation: nested under the training run when that run is in the store."""
+    from .tracking import Tracker
+
+    tcfg = copy.deepcopy(cfg.tracking)
+    parent = source.mlflow_run_id if source is not None else None
+    if parent and tcfg.enabled and rank == 0:
+        try:
+            import mlflow
+
+            from .tracking import _quiet_store_logs, tracking_uri
+
+            _quiet_store_logs()
+            client = mlflow.MlflowClient(tracking_uri(tcfg))
+            tcfg.experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
+        except Exception as exc:  # noqa: BLE001 - another store: a top-level run that names it
+            log.warning("training run %s is not in the MLflow store %s (%s); the evaluation run is not nested",
+                        parent, tracking_uri(tcfg), type(exc).__name__)
+            parent = None
+    parent = distributed.broadcast_object(parent)
+    return Tracker(tcfg, rank=rank), parent
+
+
+def evaluate(cfg: Config) -> dict:
+    """Run every evaluation ``cfg.eval`` asks for; returns the report (written by rank 0)."""
+    e = cfg.eval
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        distributed.init_distributed()
+    rank = distributed.get_rank()
+    device = _device()
+    dtype = DTYPES[e.dtype]
+    manifest = Manifest.load(cfg.data.output)
+    kind = manifest.tokenizer["kind"]
+    tic = time.perf_counter()
+
+    source = None
+    if e.perplexity or e.speed.attn_lens:
+        source = load_source(e.source or cfg.train.output, manifest, cfg.data.output, device, dtype)
+    from .tracking import _git
+
+    report: dict = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "command": " ".join(sys.argv), "git_commit": _git("rev-parse", "HEAD"),
+                    "world_size": distributed.get_world_size(), "device": str(device), "dtype": e.dtype,
+                    "manifest": {"sha256": manifest.sha256(), "corpus": manifest.corpus, "tokenizer": kind},
+                    "results": []}
+    if source is not None:
+        report["source"] = source.describe()
+        report["checkpoint"] = {"step": source.step, "tag": source.tag}
+    split = manifest.split(e.split)
+    report["split"] = {"name": e.split, "tokens": split.total_tokens, "text": split.text}
+
+    rows = []
+    if e.perplexity:
+        mem_lens = list(e.mem_lens) or [None]
+        for m in mem_lens:
+            settings = resolve_settings(e, source.model, m)
+            res = score(source, cfg.data.output, manifest, settings, device, dump=bool(e.dump) and m == mem_lens[0])
+            row = {"name": f"mem{settings['mem_len']}", "settings": settings,
+                   "metrics": metrics(res["nll_sum"], res["tokens"], kind, split.total_tokens, split.text),
+                   **{k: res[k] for k in ("nll_sum", "tokens", "unscored_tokens", "seconds", "tokens_per_s")}}
+            rows.append(row)
+            if rank == 0:
+                log.info("%s | tgt %d mem %d | %s start | %s tokens | %s | %.0f tok/s", e.split,
+                         settings["tgt_len"], settings["mem_len"], settings["start"], f"{res['tokens']:,}",
+                         _headline(row["metrics"]), res["tokens_per_s"])
+            if "dump" in res and res["dump"] is not None:
+                tokens = SplitTokens(cfg.data.output, manifest, e.split)
+                try:
+                    ids = tokens.read(0, split.total_tokens)
+                finally:
+                    tokens.close()
+                row["dump"] = str(write_dump(e.dump, res["dump"], ids, settings, source))
+        report["results"] = rows
+        report["settings"] = rows[0]["settings"]
+    else:
+        report["settings"] = {"split": e.split}
+
+    if e.speed.attn_lens and rank == 0:
+        from .evalspeed import format_rows, measure
+
+        s = e.speed
+        report["speed"] = measure(source.model, s.attn_lens, s.tgt_len or e.tgt_len or source.model.cfg.tgt_len,
+                                  s.batch_size, s.cached_tokens, s.sliding_windows, s.repeats, device=device)
+        log.info("eval speed (per token, cached memory vs Al-Rfou sliding window):\n%s", format_rows(report["speed"]))
+
+    out_dir = Path(e.output) if e.output else (source.report_dir if source is not None else
+                                              run_dir_of(resolve_checkpoint(e.recl.sources[0])) / "eval")
+    stem = _stem(e, source, rows)
+    if e.recl.sources and rank == 0:
+        report["recl"] = run_recl(cfg, manifest, device, dtype,
+                                  out_dir / (f"{stem}-recl.png" if source is not None else f"{stem}.png"))
+    distributed.barrier()
+    report["seconds"] = time.perf_counter() - tic
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report["path"] = str(out_dir / f"{stem}.json")
+        artifacts = []
+        if len(rows) > 1:
+            metric = main_metric(kind)
+            png = plot_sweep(rows, metric, f"{manifest.corpus} {e.split}, step {source.step}: {metric} vs memory "
+                                           f"(tgt_len {rows[0]['settings']['tgt_len']}, {rows[0]['settings']['start']})",
+                             out_dir / f"{stem}.png")
+            report["plot"] = str(png)
+            artifacts.append(png)
+        if "recl" in report:
+            artifacts.append(Path(report["recl"]["plot"]))
+        atomic_write_json(report["path"], report)
+        artifacts.insert(0, Path(report["path"]))
+    else:
+        artifacts = []
+    _track(cfg, source, report, rows, artifacts, rank, kind)
+    return report
+
+
+def _stem(e: EvalConfig, source: Optional[Source], rows: list[dict]) -> str:
+    parts = [e.split, source.tag if source is not None else "recl"]
+    if rows:
+        s = rows[0]["settings"]
+        parts.append(f"tgt{s['tgt_len']}")
+        parts.append("sweep" if len(rows) > 1 else f"mem{s['mem_len']}")
+        parts.append("cold" if e.warm_tokens == 0 else "warm")
+    elif e.speed.attn_lens:
+        parts.append("speed")
+    return "-".join(parts)
+
+
+def _track(cfg: Config, source: Optional[Source], report: dict, rows: list[dict], artifacts: list[Path],
+           rank: int, kind: str) -> None:
+    if not cfg.tracking.enabled:
+        return
+    tracker, parent = _tracker(cfg, source, rank)
+    step = source.step if source is not None else 0
+    params = {"eval." + k: v for k, v in (rows[0]["settings"] if rows else report["settings"]).items()}
+    params |= {"eval.source": report.get("source", {}).get("path", ""), "eval.dtype": cfg.eval.dtype,
+               "eval.world_size": report["world_size"]}
+    if len(rows) > 1:
+        params["eval.mem_lens"] = [r["settings"]["mem_len"] for r in rows]
+    name = f"eval-{Path(report.get('path', 'eval')).stem}"
+    tracker.start(run_name=name, parent_run_id=parent, params=params,
+                  tags={"stage": "evaluate", "source_kind": source.kind if source else "recl",
+                        "checkpoint_step": step, "training_run_id": source.mlflow_run_id if source else ""})
+    split = cfg.eval.split
+    with tracker:
+        for i, row in enumerate(rows):
+            m = row["metrics"] | {"tokens": row["tokens"], "tokens_per_s": row["tokens_per_s"]}
+            if i == 0:
+                tracker.log_metrics({f"{split}_{k}": v for k, v in m.items()}, step)
+            if len(rows) > 1:   # the sweep: x = mem_len, so MLflow draws the curve as well
+                tracker.log_metrics({f"sweep_{split}_{k}": v for k, v in row["metrics"].items()},
+                                    row["settings"]["mem_len"])
+        for r in report.get("speed", {}).get("rows", []):
+            tracker.log_metrics({"eval_speed_ratio": r["ratio"], "cached_tokens_per_s": r["cached_tokens_per_s"],
+                                 "sliding_tokens_per_s": r["sliding_tokens_per_s"]}, r["attn_len"])
+        for path in artifacts:
+            tracker.log_artifact(path, "eval")
+    if rank == 0 and tracker.run_id:
+        report["mlflow_run_id"] = tracker.run_id
+        atomic_write_json(report["path"], report)
+
+
+# ----------------------------------------------------------------------------- RECL
+
+
+def run_recl(cfg: Config, manifest: Manifest, device: torch.device, dtype: torch.dtype, plot_path: Path) -> dict:
+    """Per-token losses of every model of ``eval.recl.sources`` at ``contexts``, RECL table and plot."""
+    from .recl import context_losses, format_table, plot_table, recl_table, sample_positions
+
+    r = cfg.eval.recl
+    if len(r.contexts) < 2 or sorted(set(r.contexts)) != list(r.contexts):
+        raise EvalError(f"eval.recl.contexts={r.contexts}: give at least two increasing context lengths")
+    if r.names and len(r.names) != len(r.sources):
+        raise EvalError(f"eval.recl.names has {len(r.names)} names for {len(r.sources)} sources")
+    names = list(r.names) or [_short_name(s) for s in r.sources]
+    if len(set(names)) != len(names):
+        raise EvalError(f"RECL model names {names} are not unique; set eval.recl.names")
+    split = manifest.split(cfg.eval.split)
+    tokens = SplitTokens(cfg.data.output, manifest, cfg.eval.split)
+    try:
+        ids = tokens.read(0, split.total_tokens).astype(np.int64)
+    finally:
+        tokens.close()
+    positions = sample_positions(len(ids), max(r.contexts), r.positions, seed=0)
+    losses, sources = {}, {}
+    for name, path in zip(names, r.sources):
+        src = load_source(path, manifest, cfg.data.output, device, dtype)
+        settings = resolve_settings(cfg.eval, src.model)
+        tic = time.perf_counter()
+        losses[name] = context_losses(src.model, ids, positions, r.contexts, r.batch_size,
+                                      clamp_len=settings.get("clamp_len"), device=device)
+        sources[name] = src.describe() | {"clamp_len": settings.get("clamp_len"),
+                                          "seconds": time.perf_counter() - tic}
+        log.info("RECL: per-token losses of %s at %d contexts x %d positions (%.1fs)", name, len(r.contexts),
+                 len(positions), sources[name]["seconds"])
+        del src
+    table = recl_table(losses, r.ratios, r.threshold)
+    text = format_table(table)
+    log.info("RECL (%s, %d positions, threshold %g):\n%s", cfg.eval.split, len(positions), r.threshold, text)
+    plot = plot_table(table, plot_path)
+    mean_loss = {n: {str(c): float(np.mean(v)) for c, v in per.items()} for n, per in losses.items()}
+    return {"table": table, "text": text, "plot": str(plot), "sources": sources, "mean_loss": mean_loss,
+            "split": cfg.eval.split}
+
+
+def _short_name(path: str) -> str:
+    p = Path(path).resolve()
+    if p.name.startswith("global_step"):
+        p = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return p.name
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = arg_parser("evaluate", "perplexity / bpc, eval speed and RECL of a checkpoint or export (stage 3)")
+    cfg, _ = parse_args(parser, argv)
+    rank = distributed.get_rank()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                            format=f"%(asctime)s evaluate[{rank}]: %(message)s", datefmt="%H:%M:%S")
+    from .checkpoint import CheckpointError
+    from .tokenizers import TokenizerError
+
+    code = 0
+    try:
+        report = evaluate(cfg)
+        if rank == 0:
+            print(report["path"])
+    except (EvalError, ExportError, CheckpointError, ConfigError, ShardError, StreamError, TokenizerError) as exc:
+        log.error("%s", exc)
+        code = 1
+    if distributed.is_initialized():
+        from .train import release_process_group
+
+        release_process_group(clean=code == 0)
+    return code
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)   # skip interpreter teardown after gloo (see pipeline.train._exit)
