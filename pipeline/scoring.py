@@ -86,7 +86,9 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     try:
-        with eval_lengths(model, tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length):
+        # The segment length is the streams'; models with a length setting (Transformer-XL) get it too.
+        seg = tgt_len if hasattr(module, "reset_length") else None
+        with eval_lengths(model, tgt_len=seg, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length):
             memory = module.init_memory(len(streams.ids), device=device)
             if memory_dtype is not None:
                 memory = memory.to(dtype=memory_dtype)

@@ -322,7 +322,8 @@ class Run:
 def validate(engine, cfg: Config, bpc: bool, memory_dtype: torch.dtype) -> dict:
     """The valid split with memory, at the eval tgt_len and the memory that keeps the span."""
     t, m = cfg.train, cfg.model
-    mem_len = train_eval_mem_len(m.mem_len, t.tgt_len, t.eval_tgt_len)
+    # The span-keeping memory rule is Transformer-XL's; other families score with their own memory.
+    mem_len = train_eval_mem_len(m.mem_len, t.tgt_len, t.eval_tgt_len) if m.family == "transformer_xl" else None
     n = t.eval_n_streams or t.n_streams
     sums = score_split(engine, cfg.data.output, "valid", n_streams=n, tgt_len=t.eval_tgt_len, mem_len=mem_len,
                        max_steps=t.eval_max_steps, memory_dtype=memory_dtype)
