@@ -307,7 +307,8 @@ def make_universal(ckpt: Path) -> Path:
 
 def consolidated_state_dict(ckpt: str | Path) -> dict:
     """The full fp32 model state dict of a checkpoint directory, whatever its ZeRO stage
-    (stages 1-3 through DeepSpeed's zero_to_fp32; stage 0 keeps whole weights in rank 0's file)."""
+    (stages 1-3 through DeepSpeed's zero_to_fp32, from the fp32 master partitions; stage 0 keeps
+    whole weights in rank 0's file: with bf16/fp16 those are the half-precision module weights)."""
     ckpt = Path(ckpt)
     meta = load_meta(ckpt)
     if meta.get("zero_stage", 0) == 0:

@@ -10,7 +10,7 @@ its new memory feeds the same streams next step. At every boundary one all-reduc
 loss and agrees on two flags: a non-finite loss (stop with an error naming step, ranks and
 streams, before the update is applied; under fp16 the loss scaler skips instead) and a
 preemption signal (all ranks save, rank 0 requeues under SLURM, exit 0). A checkpoint resumes
-bitwise on the same world size and by stream id on another (see pipeline/checkpoint.py).
+bitwise on the same world size and by stream id on another (pipeline/checkpoint.py, resume.py).
 """
 from __future__ import annotations
 
