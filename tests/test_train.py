@@ -341,6 +341,22 @@ def test_validation_matches_an_independent_scoring_of_the_checkpoint(runs):
     assert res[0]["valid"]["loss"] == pytest.approx(sums["nll_sum"] / sums["tokens"], rel=1e-5)
 
 
+def test_torchrun_launch(runs):
+    """`make demo`'s launcher: torchrun sets the rank variables (and TORCHELASTIC_RUN_ID)."""
+    import subprocess
+    import sys
+
+    from train_fixtures import clean_env, free_port
+
+    args = runs.args("torchrun", ["train.max_steps=2", "train.save_every=0"])
+    r = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2",
+                        f"--master_port={free_port()}", "-m", "pipeline.train", *args],
+                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    meta = json.loads((runs.ckpt("torchrun", 2) / "xlpipe" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 2
+
+
 # ----------------------------------------------------------------------------- failures
 
 
