@@ -123,7 +123,9 @@ def resolve_settings(e: EvalConfig, model, mem_len: Optional[int] = None) -> dic
            "max_steps": e.max_steps, "family": cfg.family}
     if hasattr(model, "reset_length"):                     # Transformer-XL
         out["clamp_len"] = cfg.clamp_len if e.clamp_len is None else e.clamp_len
-        out["same_length"] = cfg.same_length if e.same_length is None else e.same_length
+        # same_length equalises how much memory each query sees; without memory it has no meaning
+        # (the model refuses it), so a mem_len=0 evaluation ("no memory") runs plain causal segments.
+        out["same_length"] = (cfg.same_length if e.same_length is None else e.same_length) and mem_len > 0
         out["same_length_keys"] = cfg.same_length_keys
     else:                                                  # Al-Rfou: a window of L tokens
         if tgt > model.context:
