@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from . import distributed
-from .config import Config, ConfigError, EvalConfig, arg_parser, flatten, parse_args
-from .export import (DTYPES, ExportError, is_export, load_checkpoint_model, load_export, read_meta,
+from .config import Config, ConfigError, EvalConfig, arg_parser, parse_args
+from .export import (DTYPES, ExportError, is_export, load_checkpoint_model, load_export,
                      resolve_checkpoint, run_dir_of)
 from .scoring import score_split, train_eval_mem_len
 from .shards import Manifest, ShardError, SplitTokens, atomic_write_bytes, atomic_write_json
@@ -306,8 +306,7 @@ def _tracker(cfg: Config, source: Optional[Source], rank: int):
 def evaluate(cfg: Config) -> dict:
     """Run every evaluation ``cfg.eval`` asks for; returns the report (written by rank 0)."""
     e = cfg.eval
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if distributed.resolve_env().world_size > 1:      # torchrun, srun or env vars
         distributed.init_distributed()
     rank = distributed.get_rank()
     device = _device()
@@ -497,7 +496,7 @@ def _short_name(path: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = arg_parser("evaluate", "perplexity / bpc, eval speed and RECL of a checkpoint or export (stage 3)")
     cfg, _ = parse_args(parser, argv)
-    rank = distributed.get_rank()
+    rank = distributed.resolve_env().rank
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                             format=f"%(asctime)s evaluate[{rank}]: %(message)s", datefmt="%H:%M:%S")

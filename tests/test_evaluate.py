@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import sqlite3
 import tarfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from models import ModelConfig, build_model
-from pipeline.config import Config, load_config, to_dict
+from pipeline.config import load_config, to_dict
 from pipeline.evaluate import EvalError, evaluate, metrics
 from pipeline.export import ExportError, save_export
 from pipeline.shards import Manifest
@@ -175,6 +174,25 @@ def test_warm_start_equals_the_true_preceding_context(shards, export_dir, tmp_pa
     cold = run_eval(shards, export_dir, tmp_path / "cold", f"eval.n_streams={n}", f"eval.tgt_len={tgt}",
                     "eval.mem_len=1000", "eval.warm_tokens=0", f"eval.max_steps={steps}")
     assert cold["results"][0]["nll_sum"] != pytest.approx(rep["results"][0]["nll_sum"], rel=1e-6)
+
+
+def test_alrfou_stride_one_equals_the_sliding_window(shards, tmp_path):
+    """The Al-Rfou model streamed 1 token at a time with L - 1 tokens of memory (warm) is the
+    paper's stride-1 window: models.vanilla.sliding_window_nll over the stream and its context."""
+    from models.vanilla import sliding_window_nll
+
+    L, n, steps = 12, 4, 40
+    export = make_export(shards, tmp_path / "v", family="vanilla", attn_type="learned", tgt_len=L, mem_len=L - 1)
+    run_eval(shards, export, tmp_path, f"eval.n_streams={n}", "eval.tgt_len=1", f"eval.mem_len={L - 1}",
+             f"eval.max_steps={steps}", f"eval.dump={tmp_path / 'dump.npz'}")
+    x = raw_tokens(shards, "valid")
+    S = (len(x) - 1) // n
+    got = np.load(tmp_path / "dump.npz")["nll"]
+    model = direct_model(export)
+    for b in range(1, n):
+        seq = torch.from_numpy(x[b * S - (L - 1): b * S + steps + 1])
+        want = sliding_window_nll(model, seq, stride=1, window=L)[L - 1:]   # full windows only
+        np.testing.assert_allclose(got[b * S + 1: b * S + steps + 1], want.numpy(), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- metrics, sweep, report
