@@ -322,3 +322,33 @@ def test_two_ranks_equal_one_rank(shards, export_dir, tmp_path):
     assert two["results"][0]["nll_sum"] == pytest.approx(one["results"][0]["nll_sum"], rel=1e-6)
     np.testing.assert_allclose(d2, d1, rtol=1e-5, atol=1e-6)
     assert np.isfinite(d1).sum() == one["results"][0]["tokens"]
+
+
+@pytest.mark.slow
+def test_from_a_tracked_training_checkpoint(shards, tmp_path):
+    """A real 2-rank ZeRO-2 run tracked in MLflow: evaluating its run directory nests under its run,
+    and gives the numbers its export gives."""
+    import mlflow
+
+    from train_fixtures import TINY
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--config", str(CONFIG), f"data.output={shards}", *TINY, f"train.output={tmp_path / 'run'}",
+              "train.zero_stage=2", "train.max_steps=4", "train.save_every=0", "tracking.enabled=true",
+              f"tracking.uri={uri}", "tracking.system_metrics=false", "tracking.experiment=t"]
+    for rc, text in launch(2, ["-m", "pipeline.train", *common], cwd=REPO, timeout=300):
+        assert rc == 0, text[-4000:]
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "global_step4" / "xlpipe" / "meta.json").read_text())
+    settings = ["eval.n_streams=4", "eval.tgt_len=8", "eval.mem_len=16", "eval.max_steps=20"]
+    cfg = load_config(CONFIG, [*common[2:], *settings])
+    rep = evaluate(cfg)
+    assert Path(rep["path"]).parent == tmp_path / "run" / "eval"
+    assert rep["source"]["kind"] == "checkpoint" and rep["checkpoint"] == {"step": 4, "tag": "global_step4"}
+    run = mlflow.MlflowClient(uri).get_run(rep["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == meta["mlflow_run_id"]
+    from pipeline.export import export
+
+    out = export(load_config(CONFIG, [*common[2:], f"export.output={tmp_path / 'export'}"]))
+    assert json.loads((out / "export.json").read_text())["metrics"]  # the evaluation above, by setting
+    again = run_eval(shards, out, tmp_path / "from-export", *settings)
+    assert again["results"][0]["nll_sum"] == pytest.approx(rep["results"][0]["nll_sum"], rel=1e-12)
