@@ -22,7 +22,9 @@ package's ``models``, never DeepSpeed. This module imports DeepSpeed only while 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import logging
 import os
@@ -104,10 +106,22 @@ def load_checkpoint_model(checkpoint: str | Path, device: str | torch.device = "
     path = resolve_checkpoint(checkpoint)
     meta = ckpt.load_meta(path)
     model = build_model(model_config(meta["config"]))
-    state = ckpt.consolidated_state_dict(path)
-    _load_state(model, state, f"checkpoint {path}")
+    _load_state(model, consolidate(path), f"checkpoint {path}")
     model = model.to(device=device, dtype=dtype).eval()
     return model, meta
+
+
+def consolidate(checkpoint: Path) -> dict:
+    """``checkpoint.consolidated_state_dict`` without zero_to_fp32's prints and progress bars on
+    every rank (kept at debug level)."""
+    from . import checkpoint as ckpt
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        state = ckpt.consolidated_state_dict(checkpoint)
+    for line in out.getvalue().splitlines():
+        log.debug("zero_to_fp32: %s", line.strip())
+    return state
 
 
 def _load_state(model: torch.nn.Module, state: dict, where: str) -> None:
@@ -181,7 +195,7 @@ def export(cfg: Config) -> Path:
 
     t0 = time.perf_counter()
     model = build_model(model_config(meta["config"]))
-    _load_state(model, ckpt.consolidated_state_dict(path), f"checkpoint {path}")
+    _load_state(model, consolidate(path), f"checkpoint {path}")
     info = {"step": meta["step"], "tag": meta["tag"], "source": str(path.resolve()),
             "mlflow_run_id": meta.get("mlflow_run_id"), "manifest_sha256": meta["manifest"]["sha256"],
             "corpus": meta["manifest"].get("corpus"), "zero_stage": meta.get("zero_stage"),
