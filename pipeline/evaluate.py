@@ -380,7 +380,7 @@ def evaluate(cfg: Config) -> dict:
         if len(rows) > 1:
             metric = main_metric(kind)
             png = plot_sweep(rows, metric, f"{manifest.corpus} {e.split}, step {source.step}: {metric} vs memory "
-                                           f"(tgt_len {rows[0]['settings']['tgt_len']}, {rows[0]['settings']['start']})",
+                                           f"(tgt_len {rows[0]['settings']['tgt_len']}, {'cold' if e.warm_tokens == 0 else 'warm'} start)",
                              out_dir / f"{stem}.png")
             report["plot"] = str(png)
             artifacts.append(png)
