@@ -366,7 +366,7 @@ def evaluate(cfg: Config) -> dict:
         log.info("eval speed (per token, cached memory vs Al-Rfou sliding window):\n%s", format_rows(report["speed"]))
 
     out_dir = Path(e.output) if e.output else (source.report_dir if source is not None else
-                                              run_dir_of(resolve_checkpoint(e.recl.sources[0])) / "eval")
+                                              _report_dir(e.recl.sources[0]))
     stem = _stem(e, source, rows)
     if e.recl.sources and rank == 0:
         report["recl"] = run_recl(cfg, manifest, device, dtype,
@@ -392,6 +392,11 @@ def evaluate(cfg: Config) -> dict:
         artifacts = []
     _track(cfg, source, report, rows, artifacts, rank, kind)
     return report
+
+
+def _report_dir(path: str) -> Path:
+    """Where reports of a source go when eval.output is not set: <run>/eval or <export>/eval."""
+    return (Path(path) if is_export(path) else run_dir_of(resolve_checkpoint(path))) / "eval"
 
 
 def _stem(e: EvalConfig, source: Optional[Source], rows: list[dict]) -> str:

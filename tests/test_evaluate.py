@@ -249,9 +249,11 @@ def test_sweep_report_plot_and_eval_speed(shards, export_dir, tmp_path):
 
 def test_recl_of_a_group_from_exports(shards, export_dir, tmp_path):
     other = make_export(shards, tmp_path / "other", n_layer=1)
-    rep = run_eval(shards, export_dir, tmp_path, "eval.perplexity=false",
-                   f"eval.recl.sources=[{export_dir},{other}]", "eval.recl.names=[two,one]",
-                   "eval.recl.contexts=[4,8,16]", "eval.recl.positions=50")
+    cfg = load_config(CONFIG, [f"data.output={shards}", "tracking.enabled=false", "eval.perplexity=false",
+                               f"eval.recl.sources=[{other},{export_dir}]", "eval.recl.names=[one,two]",
+                               "eval.recl.contexts=[4,8,16]", "eval.recl.positions=50"])
+    rep = evaluate(cfg)
+    assert Path(rep["path"]) == other / "eval" / "valid-recl.json"       # beside the first source
     table = rep["recl"]["table"]
     assert table["contexts"] == [4, 8, 16] and table["positions"] == 50
     assert set(table["models"]) == {"two", "one"}
