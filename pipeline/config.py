@@ -140,7 +140,7 @@ class EvalConfig:
     max_steps: int = 0               # 0: the whole split; else the first max_steps segments of every stream
     mem_lens: List[int] = field(default_factory=list)   # sweep: one evaluation per memory length, plus a plot
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"     # model weights on the device (NLL sums stay fp64)
-    dump: str = ""                   # per-token NLL (.npz: nll per split position, NaN where unscored)
+    dump: str = ""                   # per-token NLL (.npz: nll per split position, NaN where unscored; a sweep: its first mem_len)
     output: str = ""                 # report directory; "": <run dir>/eval or <export dir>/eval
     speed: EvalSpeedConfig = field(default_factory=EvalSpeedConfig)
     recl: ReclConfig = field(default_factory=ReclConfig)
