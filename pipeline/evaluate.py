@@ -306,6 +306,7 @@ def _tracker(cfg: Config, source: Optional[Source], rank: int):
 def evaluate(cfg: Config) -> dict:
     """Run every evaluation ``cfg.eval`` asks for; returns the report (written by rank 0)."""
     e = cfg.eval
+    check_request(e)
     if distributed.resolve_env().world_size > 1:      # torchrun, srun or env vars
         distributed.init_distributed()
     rank = distributed.get_rank()
@@ -379,9 +380,10 @@ def evaluate(cfg: Config) -> dict:
         artifacts = []
         if len(rows) > 1:
             metric = main_metric(kind)
-            png = plot_sweep(rows, metric, f"{manifest.corpus} {e.split}, step {source.step}: {metric} vs memory "
-                                           f"(tgt_len {rows[0]['settings']['tgt_len']}, {'cold' if e.warm_tokens == 0 else 'warm'} start)",
-                             out_dir / f"{stem}.png")
+            start = "cold" if e.warm_tokens == 0 else "warm"
+            title = (f"{manifest.corpus} {e.split}, step {source.step}: {metric} vs memory "
+                     f"(tgt_len {rows[0]['settings']['tgt_len']}, {start} start)")
+            png = plot_sweep(rows, metric, title, out_dir / f"{stem}.png")
             report["plot"] = str(png)
             artifacts.append(png)
         if "recl" in report:
@@ -392,6 +394,21 @@ def evaluate(cfg: Config) -> dict:
         artifacts = []
     _track(cfg, source, report, rows, artifacts, rank, kind)
     return report
+
+
+def check_request(e: EvalConfig) -> None:
+    """Fail before any work (and on every rank) when the request cannot run."""
+    if not (e.perplexity or e.speed.attn_lens or e.recl.sources):
+        raise EvalError("nothing to evaluate: eval.perplexity=false, no eval.speed.attn_lens, no eval.recl.sources")
+    r = e.recl
+    if r.sources:
+        if len(r.contexts) < 2 or sorted(set(r.contexts)) != list(r.contexts) or r.contexts[0] < 1:
+            raise EvalError(f"eval.recl.contexts={r.contexts}: give at least two increasing context lengths >= 1")
+        if r.names and len(r.names) != len(r.sources):
+            raise EvalError(f"eval.recl.names has {len(r.names)} names for {len(r.sources)} sources")
+    bad = [a for a in e.speed.attn_lens if a < 2]
+    if bad:
+        raise EvalError(f"eval.speed.attn_lens={e.speed.attn_lens}: attention lengths must be >= 2")
 
 
 def _report_dir(path: str) -> Path:
@@ -453,10 +470,6 @@ def run_recl(cfg: Config, manifest: Manifest, device: torch.device, dtype: torch
     from .recl import context_losses, format_table, plot_table, recl_table, sample_positions
 
     r = cfg.eval.recl
-    if len(r.contexts) < 2 or sorted(set(r.contexts)) != list(r.contexts):
-        raise EvalError(f"eval.recl.contexts={r.contexts}: give at least two increasing context lengths")
-    if r.names and len(r.names) != len(r.sources):
-        raise EvalError(f"eval.recl.names has {len(r.names)} names for {len(r.sources)} sources")
     names = list(r.names) or [_short_name(s) for s in r.sources]
     if len(set(names)) != len(names):
         raise EvalError(f"RECL model names {names} are not unique; set eval.recl.names")

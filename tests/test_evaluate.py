@@ -273,6 +273,10 @@ def test_errors_name_what_is_wrong(shards, export_dir, tmp_path):
 
     with pytest.raises(StreamError, match="n_streams"):
         run_eval(shards, export_dir, tmp_path, "eval.n_streams=100000")
+    with pytest.raises(EvalError, match="nothing to evaluate"):
+        run_eval(shards, export_dir, tmp_path, "eval.perplexity=false")
+    with pytest.raises(EvalError, match="increasing context lengths"):
+        run_eval(shards, export_dir, tmp_path, f"eval.recl.sources=[{export_dir}]", "eval.recl.contexts=[8,4]")
 
 
 # ----------------------------------------------------------------------------- MLflow
