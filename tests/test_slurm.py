@@ -34,6 +34,8 @@ def wait_files(paths, timeout: float = 90.0, cluster=None, job=None):
             break
         time.sleep(0.2)
     missing = [str(p) for p in paths if not p.exists()]
+    if not missing:  # written just as the job left RUNNING (e.g. requeued right after)
+        return
     out = cluster.job(job) if cluster is not None else {}
     log = Path(out.get("StdOut", "")).read_text() if out.get("StdOut") and Path(out["StdOut"]).exists() else ""
     raise AssertionError(f"missing {missing}; job {out.get('JobState')}; output:\n{log}")
