@@ -28,13 +28,7 @@ from train_fixtures import REPO, launch, make_shards
 CONFIG = REPO / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: 2 intra-op threads only add spinning on a shared 2-core machine (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from train_fixtures import PY, REPO, TINY, clean_env, launch, make_shards
 CONFIG = REPO / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

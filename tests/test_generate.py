@@ -20,12 +20,7 @@ from train_fixtures import REPO, make_shards
 CONFIG = REPO / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def export_of(shards: Path, out: Path, **model) -> Path:

@@ -16,13 +16,7 @@ from pipeline.recl import (ReclError, context_losses, format_table, plot_table, 
 C = [100, 200, 300, 400]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: 2 intra-op threads only add spinning on a shared 2-core machine (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def const(n: int, values: dict[int, float]) -> dict[int, np.ndarray]:
