@@ -9,15 +9,9 @@ import torch
 from models.attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, causal_mask,
                               same_length_window)
 from models.positions import rel_shift, relative_distances, sinusoid
+from naive_positions import naive_sinusoid
 
 
-def naive_sinusoid(positions, d):
-    """Vaswani encodings with the reference's layout: all sines, then all cosines."""
-    rows = []
-    for p in positions:
-        freqs = [1.0 / 10000 ** (2 * k / d) for k in range(d // 2)]
-        rows.append([math.sin(p * f) for f in freqs] + [math.cos(p * f) for f in freqs])
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 def test_sinusoid_matches_formula():

@@ -2,8 +2,6 @@
 clamp_len, ablations, initialisation and the model interface."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -11,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from models import ModelConfig, build_model
 from models.attention import causal_mask
 from models.transformer_xl import TransformerXL, TXLMemory
+from naive_positions import naive_sinusoid
 
 V = 50
 
@@ -24,14 +23,6 @@ def tiny(**kw) -> TransformerXL:
 
 def tokens(batch, length, seed=0):
     return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def naive_sinusoid(positions, d):
-    rows = []
-    for p in positions:
-        freqs = [1.0 / 10000 ** (2 * k / d) for k in range(d // 2)]
-        rows.append([math.sin(p * f) for f in freqs] + [math.cos(p * f) for f in freqs])
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("kw", [
