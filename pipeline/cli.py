@@ -13,6 +13,9 @@ STAGES = {
     "generate": "pipeline.generate",
     "import-reference": "pipeline.import_reference",
 }
+# stages that may have run a gloo/NCCL process group: leave as `python -m` does for them,
+# without interpreter teardown (see pipeline.train.exit_now)
+DISTRIBUTED = ("train", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: xlpipe <stage> [args]\nstages: {names}", file=sys.stderr if argv else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(STAGES[argv[0]])
-    return module.main(argv[1:]) or 0
+    code = module.main(argv[1:]) or 0
+    if argv[0] in DISTRIBUTED:
+        from .train import exit_now
+
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -379,7 +379,7 @@ def release_process_group(clean: bool = True) -> None:
     gc.collect()
 
 
-def _exit(code: int) -> None:
+def exit_now(code: int) -> None:
     """Exit without interpreter teardown once everything is flushed: a last line of defence
     against the gloo teardown abort above turning a finished job into a failed one."""
     logging.shutdown()
@@ -389,4 +389,4 @@ def _exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    _exit(main())
+    exit_now(main())

@@ -20,7 +20,7 @@ from pipeline.config import arg_parser, parse_args  # noqa: E402
 from pipeline.engine import build_engine  # noqa: E402
 from pipeline.export import resolve_checkpoint  # noqa: E402
 from pipeline.shards import Manifest  # noqa: E402
-from pipeline.train import release_process_group, resolve_config  # noqa: E402
+from pipeline.train import exit_now, release_process_group, resolve_config  # noqa: E402
 
 
 def fixed_batch(n_token: int) -> torch.Tensor:
@@ -54,7 +54,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(main(sys.argv[1:]))   # as `python -m pipeline.train` does

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import distributed  # noqa: E402
 from pipeline.config import arg_parser, parse_args  # noqa: E402
-from pipeline.train import Hooks, release_process_group, train  # noqa: E402
+from pipeline.train import Hooks, exit_now, release_process_group, train  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -59,7 +59,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)      # as `python -m pipeline.train` does (pipeline/train.py: _exit)
+    exit_now(main(sys.argv[1:]))   # as `python -m pipeline.train` does
