@@ -18,7 +18,6 @@ Our files hold only tensors, numbers and strings and load with ``torch.load(weig
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .shards import Manifest, atomic_write_bytes, atomic_write_json
+from .shards import Manifest, atomic_write_bytes, atomic_write_json, read_versioned_json
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +164,7 @@ def load_rank_file(ckpt: Path, rank: int) -> dict:
 
 
 def load_meta(ckpt: Path) -> dict:
-    path = ckpt / OURS / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
-                              f"this code reads {FORMAT!r} version {VERSION}")
-    return meta
+    return read_versioned_json(ckpt / OURS / "meta.json", FORMAT, VERSION, CheckpointError)
 
 
 # ----------------------------------------------------------------------------- manifest identity

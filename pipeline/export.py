@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import Config, ConfigError, arg_parser, load_config, parse_args
-from .shards import Manifest, ShardError, atomic_write_bytes, atomic_write_json, sha256_file
+from .shards import Manifest, ShardError, atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
 from .tokenizers import TokenizerError, load_tokenizer, read_tokenizer
 
 log = logging.getLogger("pipeline.export")
@@ -267,14 +267,7 @@ def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META
     if not path.is_file():
         raise ExportError(f"{directory} is not an export: {META} is missing (write one with python -m pipeline.export)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ExportError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this code reads "
-                          f"{FORMAT!r} version {VERSION}")
-    return meta
+    return read_versioned_json(path, FORMAT, VERSION, ExportError)
 
 
 def load_export(directory: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,

@@ -71,6 +71,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
+def read_versioned_json(path: str | Path, fmt: str, version: int, error: type[Exception]) -> dict:
+    """A JSON file of ours, stamped {"format": fmt, "version": version}: anything unreadable or of
+    another format/version raises `error` naming the file, so old or foreign files never half-load."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"cannot read {path}: {exc}") from None
+    got = raw if isinstance(raw, dict) else {}
+    if got.get("format") != fmt or got.get("version") != version:
+        raise error(f"{path}: format {got.get('format')!r} version {got.get('version')!r}; "
+                    f"this code reads {fmt!r} version {version}")
+    return raw
+
+
 # ----------------------------------------------------------------------------- manifest
 
 
@@ -142,13 +156,7 @@ class Manifest:
         if not path.is_file():
             raise ShardError(f"{path} does not exist; run `python -m pipeline.prepare --config ...` "
                              f"(and its merge step after a job array) to write the shards first")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ShardError(f"{path} is not valid JSON: {exc}") from None
-        if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-            raise ShardError(f"{path}: format {raw.get('format')!r} version {raw.get('version')!r}, "
-                             f"expected {FORMAT!r} version {VERSION}")
+        raw = read_versioned_json(path, FORMAT, VERSION, ShardError)
         try:
             splits = {
                 name: SplitInfo([ShardInfo(**s) for s in split["shards"]])

@@ -5,6 +5,7 @@ L = (T - 1) // n), never from the stream code; resume tests compare against an u
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -398,3 +399,16 @@ def test_bad_inputs_name_the_values(tmp_path):
         open_streams(tmp_path, "train", n_streams=8, tgt_len=4, rank=2, world_size=2)
     with pytest.raises(StreamError, match="mode='lm1b'"):
         open_streams(tmp_path, "train", n_streams=8, tgt_len=4, mode="lm1b")
+
+
+def test_manifest_of_another_version_or_unreadable_is_refused_by_name(tmp_path):
+    make_split(tmp_path, random_tokens(1000))
+    path = tmp_path / "manifest.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "version": raw["version"] + 1}))
+    with pytest.raises(ShardError, match=rf"{path}: format 'xlpipe-shards' version {raw['version'] + 1}; "
+                                         rf"this code reads 'xlpipe-shards' version {raw['version']}"):
+        open_streams(tmp_path, "train", n_streams=8, tgt_len=4)
+    path.write_text('{"format": ')
+    with pytest.raises(ShardError, match=rf"cannot read {path}"):
+        open_streams(tmp_path, "train", n_streams=8, tgt_len=4)
