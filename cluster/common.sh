@@ -73,3 +73,14 @@ xl_check_tasks_per_gpu() {
          "together with --gpus-per-node=$gpus" >&2
   fi
 }
+
+# xl_srun_stage STAGE CONFIG [overrides...]: one task per GPU running `python -m pipeline.STAGE`.
+xl_srun_stage() {
+  local stage="$1"; shift
+  xl_require_config "$stage" "$@"
+  xl_banner "$stage" "$@"
+  xl_check_tasks_per_gpu
+  # srun (22.05+) no longer inherits --cpus-per-task from the allocation: pass it on.
+  srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    "$XL_PYTHON" -m "pipeline.$stage" --config "$@"
+}

@@ -22,9 +22,4 @@ root="${XLPIPE_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}"
 [[ -f "$root/cluster/common.sh" ]] || { echo "no cluster/common.sh under '$root': submit from the xlpipe repo root or export XLPIPE_ROOT" >&2; exit 2; }
 source "$root/cluster/common.sh"
 
-xl_require_config train "$@"
-xl_banner train "$@"
-xl_check_tasks_per_gpu
-# srun (22.05+) no longer inherits --cpus-per-task from the allocation: pass it on.
-srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-  "$XL_PYTHON" -m pipeline.train --config "$@"
+xl_srun_stage train "$@"
