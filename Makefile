@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast test-slow bench ui clean
+.PHONY: install demo test test-fast test-slow bench ui clean reference-env reference-fixture
 
 install: $(STAMP)
 
@@ -14,6 +14,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# The reference port (HF TransfoXLLMHeadModel, last maintained in transformers 4.35.2) in its own
+# environment, never a dependency of ours: it regenerates tests/fixtures/transfo_xl and is the
+# other half of benchmarks/bench_model.py --against-reference.
+REF := .venv-ref
+REF_STAMP := $(REF)/.installed-stamp
+
+reference-env: $(REF_STAMP)
+
+$(REF_STAMP):
+	test -x $(REF)/bin/python || $(PYTHON) -m venv $(REF)
+	$(REF)/bin/python -m pip install --quiet torch==2.13.0
+	$(REF)/bin/python -m pip install --quiet transformers==4.35.2 "tokenizers<0.19" "huggingface-hub<1.0" safetensors numpy
+	touch $(REF_STAMP)
+
+reference-fixture: $(REF_STAMP)
+	$(REF)/bin/python tools/make_reference_fixture.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
