@@ -1,17 +1,28 @@
-"""Transformer-XL training-step throughput and peak memory on CPU (fp32).
+"""Transformer-XL training step on CPU (fp32): ours against the reference port.
 
-One step = forward with the carried memory, backward, gradient clipping and an AdamW
-update; tokens/s counts target tokens (batch × tgt_len) over the timed steps. Memory is
-the process's peak resident set size (``getrusage`` ru_maxrss, whole process including
-the Python runtime and torch libraries) and its growth over the RSS measured just before
-the model is built. Run it on a quiet machine for numbers worth comparing:
+One step = forward with the carried memory, backward, gradient clipping (0.25) and an AdamW
+update, for our TransformerXL and for HF's TransfoXLLMHeadModel (transformers 4.35.2, the port of
+the reference code that the released weights run in) on the same configuration, batch and
+tokens. Each measurement runs in its own fresh process; ours and the port alternate, and the
+report gives medians over the repetitions. tokens/s counts batch × tgt_len per step from each
+run's median step time. Memory is the process's peak RSS growth over the RSS just before the
+model is built (``ru_maxrss``, so it includes activations, gradients and optimizer state).
 
-    .venv/bin/python benchmarks/bench_model.py            # writes benchmarks/results/model_cpu.json
-    .venv/bin/python benchmarks/bench_model.py --tokens zipf --out /tmp/zipf.json
+    make reference-env                                    # .venv-ref with transformers 4.35.2
+    .venv/bin/python benchmarks/bench_model.py            # → benchmarks/results/model_vs_reference.json
+    .venv/bin/python benchmarks/bench_model.py --impl ours --tokens zipf     # one run, JSON to stdout
 
-Default config (the one the reference port was measured on): 6 layers, d_model 256,
-4 heads × 64, d_inner 1024, adaptive softmax over 32,000 tokens with cutoffs
-[4000, 12000] (div_val 1, tied), batch 8 × 128, mem_len 128, 2 threads.
+The port's interpreter: ``--ref-python``, else ``$XLPIPE_REF_PYTHON``, else ``.venv-ref/bin/python``
+(or any interpreter where ``import transformers`` gives 4.35.2, e.g. with PYTHONPATH set to a
+``pip install --target`` directory). Both start from empty memory (the authors' convention; the
+port's default would be zero-filled memory). The port shifts labels inside the model, so it scores
+tgt_len - 1 of the tgt_len positions (its adaptive softmax runs on 127 of 128 rows here).
+
+Default configuration (issue 3): 6 layers, d_model 256, 4 heads × 64, d_inner 1024, adaptive
+softmax over 32,000 tokens with cutoffs [4000, 12000] (div_val 1, tied weights and tail
+projections, per-layer u/v as the port's default), dropout 0.1, batch 8 × 128, mem_len 128,
+2 threads. Token streams: uniform (most tokens in the tail clusters: the adaptive softmax's worst
+case) and Zipf (s = 1, word-like: most tokens in the shortlist).
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +40,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import ModelConfig, build_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "model_vs_reference.json"
+N_TOKEN, CUTOFFS = 32000, [4000, 12000]
+SHAPE = dict(n_layer=6, d_model=256, n_head=4, d_head=64, d_inner=1024)
 
 
 def rss_mib() -> float:
@@ -42,82 +55,178 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def sample_tokens(kind: str, n_token: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    if kind == "uniform":  # the worst case for adaptive softmax: most tokens in the tails
-        return torch.randint(0, n_token, shape, generator=gen)
-    # Zipf (s=1) over ranks, like word frequencies: most tokens in the shortlist.
-    probs = 1.0 / torch.arange(1, n_token + 1, dtype=torch.float64)
-    return torch.multinomial(probs / probs.sum(), int(torch.tensor(shape).prod()), replacement=True,
-                             generator=gen).view(shape)
+def sample_tokens(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)          # same tokens in both processes (same torch)
+    if kind == "uniform":
+        return torch.randint(0, N_TOKEN, shape, generator=gen)
+    probs = 1.0 / torch.arange(1, N_TOKEN + 1, dtype=torch.float64)
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.multinomial(probs / probs.sum(), n, replacement=True, generator=gen).view(shape)
+
+
+# ----------------------------------------------------------------------------- one implementation
+
+
+def ours(args):
+    sys.path.insert(0, str(ROOT))
+    from models import ModelConfig, build_model
+
+    cfg = ModelConfig(n_token=N_TOKEN, **SHAPE, dropout=0.1, dropatt=0.0, cutoffs=CUTOFFS, div_val=1,
+                      tie_weight=True, tie_projs=[False, True, True], untie_r=True,
+                      tgt_len=args.tgt_len, mem_len=args.mem_len)
+    model = build_model(cfg).train()
+    state = {"memory": model.init_memory(args.batch)}
+
+    def loss(x, y):
+        out = model(x, y, state["memory"])
+        state["memory"] = out.memory
+        return out.loss
+    return model, loss
+
+
+def reference(args):
+    import transformers
+    from transformers import TransfoXLConfig, TransfoXLLMHeadModel
+
+    if transformers.__version__ != "4.35.2":
+        raise SystemExit(f"the reference is transformers 4.35.2; {sys.executable} has {transformers.__version__}")
+    config = TransfoXLConfig(vocab_size=N_TOKEN, cutoffs=CUTOFFS, d_embed=SHAPE["d_model"], div_val=1,
+                             mem_len=args.mem_len, clamp_len=0, same_length=False, proj_share_all_but_first=True,
+                             untie_r=True, pre_lnorm=False, dropout=0.1, dropatt=0.0, **SHAPE)
+    model = TransfoXLLMHeadModel(config).train()
+    state = {"mems": [torch.empty(0, args.batch, SHAPE["d_model"]) for _ in range(SHAPE["n_layer"])]}
+
+    def loss(x, y):
+        out = model(input_ids=x, labels=x, mems=state["mems"])   # the port shifts labels itself
+        state["mems"] = out.mems
+        return out.loss
+    return model, loss
+
+
+def measure(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    steps = args.warmup + args.steps
+    data = sample_tokens(args.tokens, (args.batch, steps * args.tgt_len + 1))
+    rss_before = rss_mib()
+    model, loss_fn = (ours if args.impl == "ours" else reference)(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4)
+    times = []
+    for step in range(steps):
+        lo = step * args.tgt_len
+        x, y = data[:, lo: lo + args.tgt_len], data[:, lo + 1: lo + 1 + args.tgt_len]
+        t0 = time.perf_counter()
+        loss = loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times[args.warmup:])
+    return {"impl": args.impl, "tokens": args.tokens, "tokens_per_s": round(args.batch * args.tgt_len / median, 1),
+            "step_s_median": round(median, 4), "step_s": [round(t, 4) for t in times],
+            "rss_growth_mib": round(peak_rss_mib() - rss_before, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
+            "n_params": sum(p.numel() for p in model.parameters()), "final_loss": round(loss.item(), 4),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def ref_python(explicit: str | None) -> str:
+    py = explicit or os.environ.get("XLPIPE_REF_PYTHON") or str(ROOT / ".venv-ref" / "bin" / "python")
+    try:
+        probe = subprocess.run([py, "-c", "import transformers; print(transformers.__version__)"],
+                               capture_output=True, text=True)
+        found = probe.stdout.strip() if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["?"])[-1]
+    except OSError as exc:
+        found = str(exc)
+    if found != "4.35.2":
+        raise SystemExit(f"{py} does not run transformers 4.35.2 ({found}): run `make reference-env`, or pass "
+                         f"--ref-python / set XLPIPE_REF_PYTHON")
+    return py
+
+
+def run_child(python: str, impl: str, tokens: str, args) -> dict:
+    cmd = [python, __file__, "--impl", impl, "--tokens", tokens, "--threads", str(args.threads),
+           "--batch", str(args.batch), "--tgt-len", str(args.tgt_len), "--mem-len", str(args.mem_len),
+           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"{impl} run failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def compare(args) -> dict:
+    py_ref = ref_python(args.ref_python)
+    load_before = os.getloadavg()
+    t0 = time.time()
+    runs = {kind: {"ours": [], "reference": []} for kind in args.distributions}
+    for rep in range(args.repeats):
+        for kind in args.distributions:
+            order = ["ours", "reference"] if rep % 2 == 0 else ["reference", "ours"]
+            for impl in order:
+                r = run_child(sys.executable if impl == "ours" else py_ref, "ours" if impl == "ours" else "ref",
+                              kind, args)
+                runs[kind][impl].append(r)
+                print(f"{kind:8s} {impl:9s} {r['tokens_per_s']:8.1f} tok/s  +{r['rss_growth_mib']:7.1f} MiB",
+                      file=sys.stderr)
+    table = {}
+    for kind, by_impl in runs.items():
+        row = {impl: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                      "rss_growth_mib": statistics.median(r["rss_growth_mib"] for r in rs),
+                      "n_params": rs[0]["n_params"], "runs_tokens_per_s": [r["tokens_per_s"] for r in rs]}
+               for impl, rs in by_impl.items()}
+        row["speedup"] = round(row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"], 3)
+        row["memory_ratio"] = round(row["ours"]["rss_growth_mib"] / row["reference"]["rss_growth_mib"], 3)
+        table[kind] = row
+    return {
+        "benchmark": "transformer_xl_train_step_cpu_vs_reference",
+        "reference": "transformers 4.35.2 TransfoXLLMHeadModel",
+        "goal": "ours >= 1.5x the reference's tokens/s at no more memory",
+        "results": table,
+        "config": {**SHAPE, "n_token": N_TOKEN, "cutoffs": CUTOFFS, "div_val": 1, "untie_r": True,
+                   "batch": args.batch, "tgt_len": args.tgt_len, "mem_len": args.mem_len, "dropout": 0.1,
+                   "dtype": "fp32", "optimizer": "AdamW lr 2.5e-4", "clip": 0.25, "start_memory": "empty"},
+        "method": f"{args.repeats} fresh processes per implementation and distribution, alternating; per run "
+                  f"{args.warmup} warm-up + {args.steps} timed steps, median step time; medians over runs",
+        "threads": args.threads,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "load_avg_before": [round(x, 2) for x in load_before],
+                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+        "wall_s": round(time.time() - t0, 1),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impl", choices=["ours", "ref"], help="measure one implementation in this process")
+    ap.add_argument("--tokens", choices=["uniform", "zipf"], default="uniform", help="with --impl")
+    ap.add_argument("--distributions", nargs="+", choices=["uniform", "zipf"], default=["uniform", "zipf"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ref-python")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tgt-len", type=int, default=128)
     ap.add_argument("--mem-len", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--tokens", choices=["uniform", "zipf"], default="uniform")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "model_cpu.json"))
+    ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    cfg = ModelConfig(n_token=32000, n_layer=6, d_model=256, n_head=4, d_head=64, d_inner=1024,
-                      dropout=0.1, dropatt=0.0, cutoffs=[4000, 12000], div_val=1, tie_weight=True,
-                      tie_projs=[False, True, True], tgt_len=args.tgt_len, mem_len=args.mem_len)
-    rss_before = rss_mib()
-    model = build_model(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4)
-    n_params = sum(p.numel() for p in model.parameters())
-    steps = args.warmup + args.steps
-    data = sample_tokens(args.tokens, cfg.n_token, (args.batch, steps * args.tgt_len + 1), gen)
-
-    memory = model.init_memory(args.batch)
-    times = []
-    for step in range(steps):
-        lo = step * args.tgt_len
-        x, y = data[:, lo: lo + args.tgt_len], data[:, lo + 1: lo + 1 + args.tgt_len]
-        t0 = time.perf_counter()
-        out = model(x, y, memory)
-        memory = out.memory
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    timed = times[args.warmup:]
-    tokens = args.batch * args.tgt_len
-    result = {
-        "benchmark": "transformer_xl_train_step_cpu",
-        "tokens_per_s": round(tokens * len(timed) / sum(timed), 1),
-        "step_s_median": round(statistics.median(timed), 4),
-        "step_s_all": [round(t, 4) for t in times],
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-        "rss_growth_mib": round(peak_rss_mib() - rss_before, 1),
-        "memory_measure": "ru_maxrss of the whole process; growth = peak minus RSS before building the model",
-        "final_loss": round(out.loss.item(), 4),
-        "n_params": n_params,
-        "config": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "d_head": cfg.d_head,
-                   "d_inner": cfg.d_inner, "n_token": cfg.n_token, "cutoffs": cfg.cutoffs, "div_val": cfg.div_val,
-                   "batch": args.batch, "tgt_len": args.tgt_len, "mem_len": args.mem_len, "dtype": "fp32",
-                   "optimizer": "AdamW", "clip": 0.25, "tokens": args.tokens},
-        "threads": args.threads, "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "reference": "HF TransfoXLLMHeadModel 4.35.2 measured ~1,180 tokens/s on this config (platform-notes §7)",
-        "caveat": "CPU shared with other processes while measured; re-run on a quiet machine",
-    }
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out_path.parent, delete=False, suffix=".tmp") as f:
+    if args.impl:
+        result = measure(args)
+        print(json.dumps(result))
+        return result
+    result = compare(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
         json.dump(result, f, indent=2)
-        tmp = f.name
-    os.replace(tmp, out_path)
-    print(json.dumps(result, indent=2))
+    os.replace(f.name, args.out)
+    print(json.dumps(result["results"], indent=2))
     return result
 
 
