@@ -44,7 +44,7 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-bench: $(STAMP)
+bench: $(STAMP) $(REF_STAMP)
 	bash benchmarks/run_all.sh
 
 ui: $(STAMP)
