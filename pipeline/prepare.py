@@ -23,17 +23,16 @@ On SLURM, a job array where task t of T encodes a contiguous, disjoint range of 
 Array task 0 builds a missing or stale tokenizer first while the others wait for it
 (``--tokenizer-wait``; they fail at once if task 0 fails). To keep the array from idling
 meanwhile, run ``--stage tokenizer`` as a job of its own before the array.
+
+This module holds the shard and merge steps and the entry points; the tokenizer step is in
+``pipeline.prepare_tokenizer``, unit reading/encoding and the worker pool in ``pipeline.prepare_units``.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
-import hashlib
 import json
 import logging
-import math
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -41,326 +40,34 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-from tqdm import tqdm
-
-from pipeline.config import Config, TokenizerConfig, arg_parser, parse_args
+from pipeline.config import Config, arg_parser, parse_args
 from pipeline.corpora import SPLITS, Corpus, CorpusError, Unit, open_corpus
-from pipeline.shards import (MANIFEST, Manifest, ShardError, ShardInfo, SplitInfo, atomic_write_json,
-                             shard_name, sha256_file, token_dtype, verify_shard, write_shard)
-from pipeline.tokenizers import (ByteTokenizer, CharVocab, CountMerger, SentencePieceTokenizer, Tokenizer,
-                                 TokenizerError, UnknownSymbolError, WordVocab, count_chars, count_words,
-                                 read_tokenizer, read_vocab_file, save_tokenizer, train_sentencepiece,
-                                 vocab_from_counts)
+from pipeline.prepare_tokenizer import TokenizerSpec, resolve_tokenizer, tokenizer_step
+from pipeline.prepare_units import (PrepareError, cpu_count, encode_task, map_ordered, progress_bar, sha_json,
+                                    sidecar_path)
+from pipeline.shards import (MANIFEST, Manifest, ShardError, ShardInfo, SplitInfo, shard_name, token_dtype,
+                             verify_shard)
+from pipeline.tokenizers import Tokenizer, TokenizerError
 
 log = logging.getLogger("xlpipe.prepare")
-STAMP = "tokenizer.build.json"
-FAILED = "tokenizer.failed.json"   # written by the task that failed to build it, read by waiting tasks
 STAGES = ("auto", "all", "tokenizer", "shards", "merge")
 
 
-class PrepareError(RuntimeError):
-    """A prepare step that cannot go on: says which step to run or what to fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerSpec:
-    """Tokenizer settings resolved against the corpus's reference defaults."""
-    kind: str
-    lower_case: bool = False
-    count_on: tuple[str, ...] = ()
-    min_freq: int = 0
-    max_size: int = 0
-    specials: tuple[str, ...] = ()
-    eos: Optional[str] = None
-    bos: Optional[str] = None
-    unk: Optional[str] = None
-    vocab_file: Optional[str] = None
-    vocab_size: int = 0
-    model_type: str = ""
-    sample_bytes: int = 0
-    character_coverage: float = 0.0
-
-
-def resolve_tokenizer(tcfg: TokenizerConfig, corpus: Corpus) -> TokenizerSpec:
-    d = corpus.tokenizer_defaults()
-    if tcfg.kind not in d.kinds:
-        raise PrepareError(f"tokenizer.kind={tcfg.kind!r} does not fit data.corpus={corpus.name!r}; "
-                           f"use one of {list(d.kinds)}")
-    count_on = {"auto": d.count_on, "train": ("train",), "all": SPLITS}[tcfg.count_on]
-    if tcfg.kind == "byte":
-        return TokenizerSpec("byte")
-    if tcfg.kind == "sentencepiece":
-        return TokenizerSpec("sentencepiece", vocab_size=tcfg.vocab_size, model_type=tcfg.model_type,
-                             sample_bytes=tcfg.sample_bytes, character_coverage=tcfg.character_coverage)
-    if tcfg.kind == "char":
-        return TokenizerSpec("char", count_on=count_on, min_freq=tcfg.min_freq, max_size=tcfg.max_size)
-    vocab_file = tcfg.vocab_file or d.vocab_file
-    if vocab_file and not Path(vocab_file).is_file():
-        raise PrepareError(f"tokenizer.vocab_file={vocab_file!r} does not exist")
-    return TokenizerSpec("word", lower_case=d.lower_case if tcfg.lower_case is None else tcfg.lower_case,
-                         count_on=() if vocab_file else count_on, min_freq=tcfg.min_freq,
-                         max_size=tcfg.max_size, specials=d.specials, eos=d.eos, bos=d.bos, unk=d.unk,
-                         vocab_file=str(Path(vocab_file).resolve()) if vocab_file else None)
-
-
-def _sha_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- reading units
-
-
-def unit_text(corpus: Corpus, unit: Unit) -> str:
-    """A unit's text as the tokenizer sees it when counting or sampling."""
-    if corpus.mode == "documents":
-        return "".join(text for text, _ in corpus.read_documents(unit))
-    return corpus.read_text(unit)
-
-
-def encode_unit(corpus: Corpus, tok: Tokenizer, unit: Unit) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Token ids of a unit (and sentence starts for sentence corpora)."""
-    try:
-        if corpus.mode == "sentences":
-            return tok.encode_sentences(corpus.read_text(unit))
-        if corpus.mode == "documents":
-            docs = corpus.read_documents(unit)
-            if tok.doc_end is None:  # documents end with a newline: encoding them joined is the same
-                return tok.encode("".join(text for text, _ in docs)), None
-            parts: list[np.ndarray] = []
-            for (_, end), ids in zip(docs, tok.encode_batch([text for text, _ in docs])):
-                parts.append(ids)
-                if end and tok.doc_end is not None:
-                    parts.append(np.array([tok.doc_end], dtype=np.int64))
-            return (np.concatenate(parts) if parts else np.empty(0, np.int64)), None
-        if isinstance(tok, ByteTokenizer):
-            return tok.encode_bytes(corpus.read_bytes(unit)), None
-        return tok.encode(corpus.read_text(unit)), None
-    except UnknownSymbolError as exc:
-        raise CorpusError(f"{_locate(corpus, unit, exc.line)}: {exc}") from None
-
-
-def text_stats(corpus: Corpus, unit: Unit) -> dict:
-    """Words (whitespace-separated), characters, UTF-8 bytes and lines of a unit's source text, as
-    the tokenizer sees it: evaluation normalises per word / byte with them (pipeline.evaluate)."""
-    if corpus.mode == "bytes":   # raw bytes (enwik8: after its newline option); characters by UTF-8
-        raw = corpus.read_bytes(unit)
-        text = raw.decode("utf-8", errors="replace")
-        nbytes = len(raw)
-    else:
-        text = unit_text(corpus, unit)
-        nbytes = len(text.encode("utf-8", errors="surrogatepass"))
-    return {"words": len(text.split()), "chars": len(text), "bytes": nbytes, "lines": text.count("\n")}
-
-
-def _locate(corpus: Corpus, unit: Unit, line: int) -> str:
-    """'file, line N' of a line of a unit's text (error path only)."""
-    p = unit.pieces[0]
-    if len(unit.pieces) > 1 or corpus.mode == "documents":
-        return unit.describe()
-    with open(p.path, "rb") as f:
-        before = f.read(p.start).count(b"\n")
-    return f"{p.path}, line {before + line}"
-
-
-# ----------------------------------------------------------------------------- worker processes
-
-_W: dict = {}
-
-
-def _init_worker(state: dict) -> None:
-    _W.clear()
-    _W.update(state)
-
-
-def _count_task(unit: Unit) -> tuple[list[str], np.ndarray]:
-    corpus, spec = _W["corpus"], _W["spec"]
-    text = unit_text(corpus, unit)
-    return count_words(text, spec.lower_case) if spec.kind == "word" else count_chars(text)
-
-
-def _encode_task(unit: Unit, fingerprint: str) -> tuple[Optional[dict], int, float]:
-    t0 = time.perf_counter()
-    out = Path(_W["out"])
-    tokens, starts = encode_unit(_W["corpus"], _W["tok"], unit)
-    tar = out / shard_name(unit.split, unit.index)
-    if len(tokens) == 0:  # e.g. a JSONL unit with no record of this split: no shard, only the sidecar
-        tar.unlink(missing_ok=True)
-        info = None
-    else:
-        info = dataclasses.asdict(write_shard(out, unit.split, unit.index, tokens, _W["chunk_tokens"],
-                                              _W["dtype"], starts))
-        info["text"] = text_stats(_W["corpus"], unit)
-    atomic_write_json(_sidecar(out, unit), {"fingerprint": fingerprint, "shard": info})
-    return info, int(len(tokens)), time.perf_counter() - t0
-
-
-def _map_ordered(fn, args: list[tuple], state: dict, workers: int):
-    """Yield fn(*a) for each a, in order; a process pool when workers > 1. On error, running tasks
-    finish (their writes are atomic) and queued ones are cancelled."""
-    if workers <= 1 or len(args) <= 1:
-        _init_worker(state)
-        for a in args:
-            yield fn(*a)
-        return
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    ex = cf.ProcessPoolExecutor(max_workers=min(workers, len(args)), mp_context=ctx,
-                                initializer=_init_worker, initargs=(state,))
-    try:
-        futures = [ex.submit(fn, *a) for a in args]
-        for fut in futures:
-            yield fut.result()
-    except BaseException:
-        ex.shutdown(wait=True, cancel_futures=True)
-        raise
-    ex.shutdown(wait=True)
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _bar(total: int, desc: str, progress: Optional[bool]):
-    show = sys.stderr.isatty() if progress is None else progress
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not show, leave=False)
-
-
-# ----------------------------------------------------------------------------- tokenizer step
-
-
-def tokenizer_fingerprint(corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Unit]]) -> str:
-    if spec.kind == "sentencepiece":
-        inputs = [corpus.identity(u) for u in plan["train"]]
-    elif spec.vocab_file:
-        st = os.stat(spec.vocab_file)
-        inputs = [[spec.vocab_file, st.st_size, int(st.st_mtime)]]
-    else:
-        inputs = [corpus.identity(u) for s in spec.count_on for u in plan[s]]
-    return _sha_json({"corpus": corpus.name, "options": corpus.options(), "spec": dataclasses.asdict(spec),
-                      "inputs": inputs})
-
-
-def build_tokenizer(corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Unit]], workers: int,
-                    progress: Optional[bool] = None) -> Tokenizer:
-    if spec.kind == "byte":
-        return ByteTokenizer()
-    if spec.kind == "sentencepiece":
-        return SentencePieceTokenizer(train_sentencepiece(
-            _sample_lines(corpus, plan["train"], spec.sample_bytes), spec.vocab_size, spec.model_type,
-            spec.character_coverage, threads=workers), threads=workers)
-    if spec.vocab_file:
-        return _word_vocab(read_vocab_file(spec.vocab_file), spec)
-    units = [u for s in spec.count_on for u in plan[s]]
-    merged = CountMerger(words=spec.kind == "word")
-    with _bar(sum(u.nbytes for u in units), f"count {spec.kind}s", progress) as bar:
-        # Merged in corpus order, so ties keep first-occurrence order as counting line by line does.
-        for unit, (symbols, counts) in zip(units, _map_ordered(_count_task, [(u,) for u in units],
-                                                               {"corpus": corpus, "spec": spec}, workers)):
-            merged.add(symbols, counts)
-            bar.update(unit.nbytes)
-    if spec.kind == "char":
-        return CharVocab(vocab_from_counts(merged.result(), (), spec.min_freq, spec.max_size))
-    return _word_vocab(vocab_from_counts(merged.result(), spec.specials, spec.min_freq, spec.max_size), spec)
-
-
-def _word_vocab(symbols: list[str], spec: TokenizerSpec) -> WordVocab:
-    # Reference: unknown words map to the unk symbol only when the vocabulary has it.
-    unk = spec.unk if spec.unk in set(symbols) else None
-    return WordVocab(symbols, spec.lower_case, spec.eos, spec.bos, unk)
-
-
-def _sample_lines(corpus: Corpus, units: list[Unit], cap: int):
-    """Every k-th line of the train split, k chosen so that about ``cap`` bytes are kept."""
-    stride = max(1, math.ceil(sum(u.nbytes for u in units) / max(cap, 1)))
-    for unit in units:
-        for i, line in enumerate(unit_text(corpus, unit).split("\n")):
-            if i % stride == 0 and line:
-                yield line
-
-
-def _tokenizer_ready(out: Path, fp: str, workers: int) -> tuple[Optional[tuple[Tokenizer, dict]], str]:
-    """((tokenizer, manifest entry), "") when ``out`` holds a verified tokenizer built for ``fp``."""
-    try:
-        stamp = json.loads((out / STAMP).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None, "missing"
-    if stamp.get("fingerprint") != fp:
-        return None, "built from other inputs or options"
-    if any(not (out / n).is_file() or sha256_file(out / n) != sha for n, sha in stamp["files"].items()):
-        return None, "changed after it was built (sha256 mismatch)"
-    return (read_tokenizer(out, threads=max(1, _cpus() // workers)), stamp["entry"]), ""
-
-
-def tokenizer_step(out: Path, corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Unit]], *,
-                   build: bool, force: bool, workers: int, progress: Optional[bool],
-                   wait_s: float = 0.0) -> tuple[Tokenizer, dict]:
-    """The verified tokenizer of ``out``. When it is missing or stale: build it when ``build``,
-    else wait up to ``wait_s`` for the task that builds it (job-array task 0), then fail."""
-    fp = tokenizer_fingerprint(corpus, spec, plan)
-    ready, reason = (None, "rebuilt (--force)") if force else _tokenizer_ready(out, fp, workers)
-    if ready:
-        return ready
-    failed = out / FAILED
-    if build:
-        log.info("tokenizer %s: building %s", reason, spec.kind)
-        failed.unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        try:
-            tok = build_tokenizer(corpus, spec, plan, workers, progress)
-        except Exception as exc:  # tell the waiting array tasks, then fail ourselves
-            atomic_write_json(failed, {"fingerprint": fp, "job": os.environ.get("SLURM_ARRAY_JOB_ID", ""),
-                                       "error": str(exc)})
-            raise
-        (out / MANIFEST).unlink(missing_ok=True)  # the old manifest no longer describes what follows
-        entry = save_tokenizer(tok, out)
-        atomic_write_json(out / STAMP, {"fingerprint": fp, "files": entry["files"], "entry": entry})
-        log.info("tokenizer: %s, vocab size %d, special %s (%.1fs)", tok.kind, tok.vocab_size, tok.special(),
-                 time.perf_counter() - t0)
-        if isinstance(tok, SentencePieceTokenizer):
-            tok.threads = max(1, _cpus() // workers)
-        return tok, entry
-    started, deadline = time.time(), time.monotonic() + wait_s
-    if wait_s > 0:
-        log.info("tokenizer %s: waiting up to %.0fs for task 0 to build it", reason, wait_s)
-    while time.monotonic() < deadline:
-        time.sleep(min(5.0, max(0.05, wait_s / 100)))
-        try:
-            rec = json.loads(failed.read_text())
-            job = os.environ.get("SLURM_ARRAY_JOB_ID", "")
-            if rec.get("fingerprint") == fp and (failed.stat().st_mtime >= started - 1 or (job and rec.get("job") == job)):
-                raise PrepareError(f"task 0 failed to build the tokenizer: {rec.get('error')}")
-        except (OSError, json.JSONDecodeError):
-            pass
-        ready, reason = _tokenizer_ready(out, fp, workers)
-        if ready:
-            return ready
-    raise PrepareError(f"the tokenizer in {out} is {reason}; build it first with `python -m pipeline.prepare "
-                       f"--config ... --stage tokenizer` (or let job-array task 0 build it while the other "
-                       f"tasks wait, --tokenizer-wait seconds)")
-
-
 # ----------------------------------------------------------------------------- shards step
-
-
-def _sidecar(out: Path, unit: Unit) -> Path:
-    return (out / shard_name(unit.split, unit.index)).with_suffix(".json")
 
 
 def unit_fingerprints(corpus: Corpus, plan: dict[str, list[Unit]], entry: dict, chunk_tokens: int,
                       dtype: str) -> dict[tuple[str, int], str]:
     common = {"corpus": corpus.name, "options": corpus.options(), "tokenizer": entry["files"],
               "chunk_tokens": chunk_tokens, "dtype": dtype}
-    return {(u.split, u.index): _sha_json({**common, "split": u.split, "index": u.index,
+    return {(u.split, u.index): sha_json({**common, "split": u.split, "index": u.index,
                                           "unit": corpus.identity(u)})
             for s in SPLITS for u in plan[s]}
 
 
 def check_unit(out: Path, unit: Unit, fingerprint: str, hash_check: bool = True) -> tuple[Optional[dict], str]:
     """(sidecar, "") when the unit's shard is done and verifies, else (None, why not)."""
-    side = _sidecar(out, unit)
+    side = sidecar_path(out, unit)
     if not side.is_file():
         return None, "missing"
     try:
@@ -412,8 +119,8 @@ def shards_step(out: Path, corpus: Corpus, tok: Tokenizer, units: list[Unit], fp
         (out / MANIFEST).unlink(missing_ok=True)
     state = {"corpus": corpus, "tok": tok, "out": str(out), "chunk_tokens": chunk_tokens, "dtype": dtype}
     t0 = time.perf_counter()
-    with _bar(sum(u.nbytes for u in todo), "encode", progress) as bar:
-        results = _map_ordered(_encode_task, [(u, fps[(u.split, u.index)]) for u in todo], state, workers)
+    with progress_bar(sum(u.nbytes for u in todo), "encode", progress) as bar:
+        results = map_ordered(encode_task, [(u, fps[(u.split, u.index)]) for u in todo], state, workers)
         for u, (info, n, secs) in zip(todo, results):
             stats[u.split].update(written=1, tokens=n, bytes_in=u.nbytes, seconds=secs)
             verified.add((u.split, u.index))
@@ -498,7 +205,7 @@ def prepare(cfg: Config, *, workers: Optional[int] = None, task_id: int = 0, num
                            "--stage tokenizer, the array (stage shards) and --merge")
     data = cfg.data
     workers = data.workers if workers is None else workers
-    workers = _cpus() if workers <= 0 else workers
+    workers = cpu_count() if workers <= 0 else workers
     if data.chunk_tokens <= 0:
         raise PrepareError(f"data.chunk_tokens must be positive, got {data.chunk_tokens}")
     out = Path(data.output)
