@@ -27,222 +27,33 @@ Outputs: a JSON report (settings, warm/cold, tokens, checkpoint step, manifest h
 report (and plots) as artifacts; an optional per-token NLL dump (``eval.dump``, .npz); with
 ``eval.mem_lens`` a sweep and a perplexity-vs-memory plot; with ``eval.speed.attn_lens`` the
 eval-speed comparison (pipeline/evalspeed.py); with ``eval.recl.sources`` the RECL of that group
-(pipeline/recl.py).
+(pipeline/recl.py). Sources, settings, metrics and the dump are in pipeline/eval_source.py.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import distributed
 from .config import Config, ConfigError, EvalConfig, arg_parser, parse_args
-from .export import (DTYPES, ExportError, is_export, load_checkpoint_model, load_export,
-                     resolve_checkpoint, run_dir_of)
-from .scoring import score_split, train_eval_mem_len
-from .shards import Manifest, ShardError, SplitTokens, atomic_write_bytes, atomic_write_json
-from .streams import StreamError, StreamLayout
+from .eval_source import (EvalError, Source, headline, load_source, main_metric, metrics, resolve_settings,
+                          score, write_dump)
+from .export import DTYPES, ExportError, is_export, resolve_checkpoint, run_dir_of
+from .shards import Manifest, ShardError, SplitTokens, atomic_write_json
+from .streams import StreamError
 
 log = logging.getLogger("pipeline.evaluate")
 
 FORMAT = "xlpipe-eval"
 VERSION = 1
-BPC_KINDS = ("char", "byte")
-
-
-class EvalError(RuntimeError):
-    """An evaluation that cannot run as configured."""
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-@dataclasses.dataclass
-class Source:
-    """A model to evaluate and where it came from."""
-
-    kind: str                      # "checkpoint" or "export"
-    path: Path                     # the checkpoint directory or the export directory
-    model: Any
-    step: int
-    tag: str
-    mlflow_run_id: Optional[str]
-    manifest_sha256: str
-    extra: dict
-
-    @property
-    def report_dir(self) -> Path:
-        return (run_dir_of(self.path) if self.kind == "checkpoint" else self.path) / "eval"
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "path": str(self.path.resolve()), "step": self.step, "tag": self.tag,
-                "mlflow_run_id": self.mlflow_run_id, **self.extra}
-
-
-def load_source(path: str | Path, manifest: Manifest, shard_dir: str, device: torch.device,
-                dtype: torch.dtype) -> Source:
-    """Load a run dir / checkpoint / export and check it was trained on these shards."""
-    from . import checkpoint as ckpt
-
-    if is_export(path):
-        model, _, meta = load_export(path, device=device, dtype=dtype)
-        if meta["manifest_sha256"] != manifest.sha256():
-            raise EvalError(f"export {path} was trained on shards with manifest sha256 "
-                            f"{meta['manifest_sha256'][:12]}..., but {shard_dir} has {manifest.sha256()[:12]}...; "
-                            f"point data.output at the shards it was trained on")
-        return Source("export", Path(path), model, meta["step"], meta["tag"], meta.get("mlflow_run_id"),
-                      meta["manifest_sha256"], {"zero_stage": meta.get("zero_stage"), "dtype": meta.get("dtype")})
-    cdir = resolve_checkpoint(path)
-    meta = ckpt.load_meta(cdir)
-    ckpt.check_manifest(meta, manifest, shard_dir, cdir)
-    model, _ = load_checkpoint_model(cdir, device=device, dtype=dtype)
-    return Source("checkpoint", cdir, model, meta["step"], meta["tag"], meta.get("mlflow_run_id"),
-                  meta["manifest"]["sha256"], {"zero_stage": meta.get("zero_stage"),
-                                               "precision": meta.get("precision")})
-
-
-# ----------------------------------------------------------------------------- settings and metrics
-
-
-def resolve_settings(e: EvalConfig, model, mem_len: Optional[int] = None) -> dict:
-    """The lengths this evaluation runs with (see EvalConfig); only those the model family has."""
-    cfg = model.cfg
-    tgt = e.tgt_len or cfg.tgt_len
-    if mem_len is None:
-        mem_len = e.mem_len if e.mem_len >= 0 else train_eval_mem_len(cfg.mem_len, cfg.tgt_len, tgt)
-    out = {"split": e.split, "tgt_len": tgt, "mem_len": mem_len, "n_streams": e.n_streams,
-           "max_steps": e.max_steps, "family": cfg.family}
-    if hasattr(model, "reset_length"):                     # Transformer-XL
-        out["clamp_len"] = cfg.clamp_len if e.clamp_len is None else e.clamp_len
-        # same_length equalises how much memory each query sees; without memory it has no meaning
-        # (the model refuses it), so a mem_len=0 evaluation ("no memory") runs plain causal segments.
-        out["same_length"] = (cfg.same_length if e.same_length is None else e.same_length) and mem_len > 0
-        out["same_length_keys"] = cfg.same_length_keys
-    else:                                                  # Al-Rfou: a window of L tokens
-        if tgt > model.context:
-            raise EvalError(f"eval.tgt_len={tgt} exceeds the model's window model.tgt_len={model.context}")
-        out["mem_len"] = min(mem_len, model.context - 1)
-    warm = out["mem_len"] if e.warm_tokens < 0 else e.warm_tokens
-    out["warm_tokens"] = warm
-    out["start"] = "warm" if warm > 0 else "cold"
-    return out
-
-
-def metrics(nll_sum: float, tokens: int, kind: str, split_tokens: int, text: Optional[dict]) -> dict:
-    """Token-weighted loss and ppl/bpc; per-word ppl and bits per byte/char for sentencepiece."""
-    if tokens <= 0:
-        raise EvalError("no token was scored; lower eval.n_streams or raise eval.max_steps")
-    loss = nll_sum / tokens
-    out = {"loss": loss}
-    if kind in BPC_KINDS:
-        out["bpc"] = loss / math.log(2)
-    else:
-        out["ppl"] = math.exp(min(loss, 700.0))
-    if kind == "sentencepiece" and text:
-        # mean NLL per token × the split's tokens per word (byte, char) = NLL per word of the text
-        per = {unit: loss * split_tokens / text[unit] for unit in ("words", "bytes", "chars") if text.get(unit)}
-        if "words" in per:
-            out["word_ppl"] = math.exp(min(per["words"], 700.0))
-        if "bytes" in per:
-            out["bpb"] = per["bytes"] / math.log(2)
-        if "chars" in per:
-            out["bpc"] = per["chars"] / math.log(2)
-    return out
-
-
-def _headline(m: dict) -> str:
-    parts = [f"loss {m['loss']:.4f}"]
-    for k in ("ppl", "word_ppl", "bpc", "bpb"):
-        if k in m:
-            parts.append(f"{k} {m[k]:.4f}" if k in ("bpc", "bpb") else f"{k} {m[k]:.2f}")
-    return " | ".join(parts)
-
-
-def main_metric(kind: str) -> str:
-    return "bpc" if kind in BPC_KINDS else "ppl"
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-class TokenDump:
-    """Per-token NLL of this rank's scored batches, by position in the split."""
-
-    def __init__(self, layout: StreamLayout):
-        self.L = layout.tokens_per_stream
-        self.offsets: dict[int, int] = {}
-        self.positions: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
-
-    def __call__(self, batch, nll: torch.Tensor) -> None:
-        n = nll.shape[1]
-        nll = nll.detach().float().cpu().numpy()
-        for row, b in enumerate(batch.stream_ids):
-            o = self.offsets.get(b, 0)
-            # stream b's target j sits at split position b*L + j + 1 (pipeline/streams.py)
-            self.positions.append(b * self.L + o + 1 + np.arange(n))
-            self.values.append(nll[row])
-            self.offsets[b] = o + n
-
-    def gather(self, split_tokens: int) -> Optional[np.ndarray]:
-        """On rank 0: ``nll[position]`` (NaN where unscored) over all ranks; None elsewhere."""
-        mine = (np.concatenate(self.positions) if self.positions else np.empty(0, np.int64),
-                np.concatenate(self.values) if self.values else np.empty(0, np.float32))
-        parts = [mine]
-        if distributed.is_initialized() and distributed.get_world_size() > 1:
-            box = [None] * distributed.get_world_size() if distributed.is_main() else None
-            torch.distributed.gather_object(mine, box, dst=0)
-            parts = box
-        if not distributed.is_main():
-            return None
-        out = np.full(split_tokens, np.nan, dtype=np.float32)
-        for pos, val in parts:
-            out[pos] = val
-        return out
-
-
-def score(source: Source, shard_dir: str, manifest: Manifest, settings: dict, device: torch.device,
-          dump: bool = False) -> dict:
-    """One evaluation pass; sums over all ranks (and the gathered dump on rank 0)."""
-    split_tokens = manifest.split(settings["split"]).total_tokens
-    layout = StreamLayout(split_tokens, settings["n_streams"], settings["tgt_len"], settings["warm_tokens"], False)
-    recorder = TokenDump(layout) if dump else None
-    tic = time.perf_counter()
-    sums = score_split(source.model, shard_dir, settings["split"], n_streams=settings["n_streams"],
-                       tgt_len=settings["tgt_len"], mem_len=settings["mem_len"],
-                       clamp_len=settings.get("clamp_len"), same_length=settings.get("same_length"),
-                       warm_tokens=settings["warm_tokens"], max_steps=settings["max_steps"], device=device,
-                       on_scored=recorder)
-    seconds = time.perf_counter() - tic
-    out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"], "seconds": seconds,
-           "tokens_per_s": sums["tokens"] / max(seconds, 1e-9), "split_tokens": split_tokens,
-           "unscored_tokens": split_tokens - layout.scored_tokens}
-    if recorder is not None:
-        out["dump"] = recorder.gather(split_tokens)
-    return out
-
-
-def write_dump(path: str | Path, nll: np.ndarray, tokens: np.ndarray, settings: dict, source: Source) -> Path:
-    """``.npz`` with ``nll`` (float32 per split position; NaN: not scored) and ``tokens``."""
-    import io
-    import json
-
-    buf = io.BytesIO()
-    np.savez(buf, nll=nll, tokens=tokens, settings=np.array(json.dumps(settings | {"step": source.step})))
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 # ----------------------------------------------------------------------------- plots
 
 
@@ -345,7 +156,7 @@ def evaluate(cfg: Config) -> dict:
             if rank == 0:
                 log.info("%s | tgt %d mem %d | %s start | %s tokens | %s | %.0f tok/s", e.split,
                          settings["tgt_len"], settings["mem_len"], settings["start"], f"{res['tokens']:,}",
-                         _headline(row["metrics"]), res["tokens_per_s"])
+                         headline(row["metrics"]), res["tokens_per_s"])
             if "dump" in res and res["dump"] is not None:
                 tokens = SplitTokens(cfg.data.output, manifest, e.split)
                 try:
@@ -537,7 +348,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)   # skip interpreter teardown after gloo (see pipeline.train._exit)
+    from .train import exit_now
+
+    exit_now(main())   # skip interpreter teardown after gloo (see pipeline.train.exit_now)
