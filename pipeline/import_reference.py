@@ -34,7 +34,8 @@ from models.reference import ReferenceWeightsError, config_from_hf, load_referen
 from .config import ConfigError, load_config, to_dict
 from .export import ExportError, save_export
 from .shards import Manifest, ShardError, sha256_file
-from .tokenizers import TokenizerError, load_tokenizer, read_vocab_file
+from .tokenizers import TokenizerError, load_tokenizer
+from .word_vocab import read_vocab_file
 
 log = logging.getLogger("pipeline.import_reference")
 

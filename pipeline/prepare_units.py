@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from pipeline.corpora import Corpus, CorpusError, Unit
 from pipeline.shards import atomic_write_json, shard_name, write_shard
-from pipeline.tokenizers import ByteTokenizer, Tokenizer, UnknownSymbolError, count_chars, count_words
+from pipeline.tokenizers import ByteTokenizer, Tokenizer, UnknownSymbolError
+from pipeline.word_vocab import count_chars, count_words
 
 
 class PrepareError(RuntimeError):

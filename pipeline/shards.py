@@ -23,7 +23,7 @@ import os
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 

@@ -12,10 +12,9 @@ import pytest
 
 from corpus_fixtures import file_lines, ref_encode, ref_vocab
 from pipeline.shards import Manifest, SplitInfo
-from pipeline.tokenizers import (ByteTokenizer, CharVocab, CountMerger, SentencePieceTokenizer, TokenizerError,
-                                 UnknownSymbolError, WordVocab, count_chars, count_words, load_tokenizer,
-                                 read_tokenizer, read_vocab_file, save_tokenizer, train_sentencepiece,
-                                 vocab_from_counts)
+from pipeline.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenizer, TokenizerError, UnknownSymbolError,
+                                 WordVocab, load_tokenizer, read_tokenizer, save_tokenizer, train_sentencepiece)
+from pipeline.word_vocab import CountMerger, count_chars, count_words, read_vocab_file, vocab_from_counts
 
 # Ties (b/c/a each twice, in that first-occurrence order), an empty line, a blank line, upper case,
 # unicode whitespace the reference's str.split() also splits on, a literal <unk>.
