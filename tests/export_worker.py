@@ -5,7 +5,6 @@ log-probabilities on a fixed batch (two segments, the second with the first's me
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

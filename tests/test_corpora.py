@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.corpora import (SPLITS, CorpusError, hash_split, line_boundaries, open_corpus,
-                              text8_normalise)
+from pipeline.corpora import SPLITS, CorpusError, open_corpus, text8_normalise
+from pipeline.corpus_base import hash_split, line_boundaries
 from corpus_fixtures import LM1B_TOP, make_bytes_file, make_lm1b, make_ptb, make_text, make_wt103
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def test_text_globs_jsonl_and_hash_split(tmp_path):
 def test_text_bad_jsonl_and_missing_globs(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"txt": "no field"}\n')
     corpus = open_corpus(data(corpus="text", path=str(tmp_path / "*.jsonl"), valid_fraction=0.0, test_fraction=0.0))
-    from pipeline.corpora import Piece, Unit
+    from pipeline.corpus_base import Piece, Unit
     size = (tmp_path / "a.jsonl").stat().st_size
     unit = Unit("train", 0, (Piece(str(tmp_path / "a.jsonl"), 0, size, size),))
     with pytest.raises(CorpusError, match=r"a.jsonl: the record at byte offset 15 has no string field 'text'"):
