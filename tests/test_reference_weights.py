@@ -215,3 +215,26 @@ def test_import_reference_refuses_what_does_not_match(ref_shards, tmp_path, capl
                  "--output", str(tmp_path / "c")]) == 1
     assert "not a plain state dict" in caplog.text
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+REF_PYTHON = Path(__file__).resolve().parents[1] / ".venv-ref" / "bin" / "python"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REF_PYTHON.exists(), reason="no .venv-ref (make reference-env)")
+def test_fixtures_regenerate_identically_in_the_reference_env(tmp_path):
+    """The committed fixtures are what transformers 4.35.2 computes today: the same weights byte
+    for byte, the same NLLs up to float reduction order (thread count)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "make_reference_fixture.py"
+    subprocess.run([str(REF_PYTHON), str(script), "--out", str(tmp_path)], check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}, timeout=300)
+    for name in CASES:
+        for f in ("model.safetensors", "config.json"):
+            assert (tmp_path / name / f).read_bytes() == (FIXTURES / name / f).read_bytes(), f"{name}/{f} differs"
+        live, kept = load_file(str(tmp_path / name / "expected.safetensors")), fixture(name)[3]
+        assert torch.equal(live["input_ids"], kept["input_ids"])
+        for key in ("nll_empty_memory", "nll_zero_memory"):
+            torch.testing.assert_close(live[key], kept[key], rtol=0, atol=1e-6)

@@ -52,7 +52,7 @@ def segments_nll(model, ids: torch.Tensor, mems) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def build(name: str, kw: dict, seed: int) -> None:
+def build(name: str, kw: dict, seed: int, root: Path = OUT) -> None:
     torch.manual_seed(seed)
     config = TransfoXLConfig(dropout=0.1, dropatt=0.0, **kw)
     model = TransfoXLLMHeadModel(config)
@@ -65,7 +65,7 @@ def build(name: str, kw: dict, seed: int) -> None:
         empty = [torch.empty(0, BATCH, config.d_model) for _ in range(config.n_layer)]
         nll_empty = segments_nll(model, ids, empty)
         nll_zero = segments_nll(model, ids, None)
-    out = OUT / name
+    out = root / name
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(out, safe_serialization=True)
     (out / "generation_config.json").unlink(missing_ok=True)    # not part of the weights
@@ -82,9 +82,10 @@ def build(name: str, kw: dict, seed: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=OUT, help="fixture root (default: tests/fixtures/transfo_xl)")
     args = ap.parse_args()
     for i, (name, kw) in enumerate(CASES.items()):
-        build(name, kw, args.seed + i)
+        build(name, kw, args.seed + i, args.out)
 
 
 if __name__ == "__main__":
