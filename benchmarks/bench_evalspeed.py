@@ -1,7 +1,7 @@
 """Evaluation speed: Transformer-XL's cached memory vs the Al-Rfou sliding window (Dai et al. Table 9).
 
 Per-token time of both procedures on one model, at each attention length, in one run
-(``pipeline.evalspeed.measure``; definitions there and in README "Evaluation"). The paper: on a
+(``pipeline.evaluation.speed.measure``; definitions there and in README "Evaluation"). The paper: on a
 GPU, enwik8, the sliding window is 363x slower at attention length 800, 773x at 1,800, 1,409x at
 2,800 and 1,874x at 3,800. The model is a config's architecture with random weights (the cost does
 not depend on them). Run on a quiet machine:
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import build_model  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evalspeed import format_rows, measure  # noqa: E402
+from pipeline.evaluation.speed import format_rows, measure  # noqa: E402
 
 
 def main() -> None:

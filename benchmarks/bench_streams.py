@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.shards import Manifest, SplitInfo, atomic_write_json, write_shard  # noqa: E402
-from pipeline.streams import open_streams  # noqa: E402
+from pipeline.data.shards import Manifest, SplitInfo, atomic_write_json, write_shard  # noqa: E402
+from pipeline.data.streams import open_streams  # noqa: E402
 
 GOAL = 5e7
 

@@ -91,9 +91,9 @@ def optimizer_state_worker(stage: int) -> None:
     import torch
 
     from models import build_model
-    from pipeline import distributed
+    from pipeline.runtime import distributed
     from pipeline.config import load_config
-    from pipeline.engine import build_engine
+    from pipeline.runtime.engine import build_engine
 
     env = distributed.init_distributed()
     cfg = load_config(REPO / "configs" / "tiny.yaml", [*MODEL, "model.n_token=256", "train.n_streams=2",

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import importlib
 
-from .base import LanguageModel, ModelOutput
-from .config import ModelConfig, VanillaConfig
-from .memory import Memory
+from models.base import LanguageModel, ModelOutput
+from models.config import ModelConfig, VanillaConfig
+from models.memory import Memory
 
 # family name -> "module:Class"; modules are imported on first use.
 REGISTRY = {

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .memory import Memory
+from models.memory import Memory
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from typing import Literal, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from models.config import ModelConfig
 
 Naming = Literal["auto", "hf", "authors"]
 HF_PREFIX = "transformer."
@@ -119,7 +119,7 @@ def convert_state_dict(state: Mapping[str, Tensor], cfg: ModelConfig, naming: Na
     """``state`` in the authors' or HF naming → a state dict that ``TransformerXL(cfg)`` loads
     with ``strict=True`` (every tied name present). Unknown, missing, mis-shaped or
     inconsistently tied tensors raise ReferenceWeightsError naming them."""
-    from .transformer_xl import TransformerXL
+    from models.transformer_xl import TransformerXL
 
     if cfg.family != "transformer_xl" or cfg.attn_type != "relative":
         raise ReferenceWeightsError(f"reference weights are a relative-attention Transformer-XL; the config asks "
@@ -179,7 +179,7 @@ def convert_state_dict(state: Mapping[str, Tensor], cfg: ModelConfig, naming: Na
 
 def load_reference(state: Mapping[str, Tensor], cfg: ModelConfig, naming: Naming = "auto"):
     """A TransformerXL built from ``cfg`` holding the reference weights, in eval mode."""
-    from .transformer_xl import TransformerXL
+    from models.transformer_xl import TransformerXL
 
     converted = convert_state_dict(state, cfg, naming)
     model = TransformerXL(cfg)

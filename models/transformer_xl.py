@@ -19,15 +19,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
-from .attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, additive_mask,
+from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from models.modules.attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, additive_mask,
                         causal_mask, same_length_window)
-from .base import LanguageModel, ModelOutput
-from .config import ModelConfig
-from .dropout import Dropout
-from .layers import PositionwiseFF
-from .memory import Memory
-from .positions import relative_distances, sinusoid
+from models.base import LanguageModel, ModelOutput
+from models.config import ModelConfig
+from models.modules.dropout import Dropout
+from models.modules.layers import PositionwiseFF
+from models.memory import Memory
+from models.modules.positions import relative_distances, sinusoid
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ class TXLLayer(nn.Module):
         else:
             self.dec_attn = AbsoluteAttention(*args, pre_lnorm=cfg.pre_lnorm)
         self.pos_ff = PositionwiseFF(cfg.d_model, cfg.d_inner, cfg.dropout, pre_lnorm=cfg.pre_lnorm)
-        self.pos_ff.drop = Dropout(cfg.dropout)  # same dropout, cheaper mask on CPU (models/dropout.py)
+        self.pos_ff.drop = Dropout(cfg.dropout)  # same dropout, cheaper mask on CPU (models/modules/dropout.py)
 
     def forward(self, h: Tensor, mem: Optional[Tensor], pos: Optional[Tensor], mask: Tensor,
                 r_w_bias: Optional[Tensor], r_r_bias: Optional[Tensor]) -> Tensor:

@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LanguageModel, ModelOutput
-from .config import ModelConfig
-from .layers import PositionwiseFF, layer_norm, linear
-from .memory import Memory
+from models.base import LanguageModel, ModelOutput
+from models.config import ModelConfig
+from models.modules.layers import PositionwiseFF, layer_norm, linear
+from models.memory import Memory
 
 TRAINING_ONLY_PREFIX = "train_heads."
 

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[argv[0]])
     code = module.main(argv[1:]) or 0
     if argv[0] in DISTRIBUTED:
-        from .train import exit_now
+        from pipeline.train import exit_now
 
         exit_now(code)
     return code

@@ -3,7 +3,7 @@
     python -m pipeline.evaluate --config configs/F.yaml [eval.split=test eval.mem_len=640 ...]
     torchrun --nproc_per_node 2 -m pipeline.evaluate --config ...    (streams split over ranks)
 
-What is scored. The split is cut into ``eval.n_streams`` streams (pipeline/streams.py); each runs in
+What is scored. The split is cut into ``eval.n_streams`` streams (pipeline/data/streams.py); each runs in
 segments of ``tgt_len`` tokens carrying its memory (``mem_len``; ``clamp_len`` and ``same_length``
 as configured, Dai et al. §3.2: longer memory at test time). Every target of every stream is scored
 once; only the split's first token and ``(T - 1) mod n_streams`` tail tokens are not. Warm start
@@ -26,8 +26,8 @@ Outputs: a JSON report (settings, warm/cold, tokens, checkpoint step, manifest h
 ``eval.output`` (default ``<run>/eval``); an MLflow run nested under the training run with the
 report (and plots) as artifacts; an optional per-token NLL dump (``eval.dump``, .npz); with
 ``eval.mem_lens`` a sweep and a perplexity-vs-memory plot; with ``eval.speed.attn_lens`` the
-eval-speed comparison (pipeline/evalspeed.py); with ``eval.recl.sources`` the RECL of that group
-(pipeline/recl.py). Sources, settings, metrics and the dump are in pipeline/eval_source.py.
+eval-speed comparison (pipeline/evaluation/speed.py); with ``eval.recl.sources`` the RECL of that group
+(pipeline/evaluation/recl.py). Sources, settings, metrics and the dump are in pipeline/evaluation/sources.py.
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import distributed
-from .config import Config, ConfigError, EvalConfig, arg_parser, parse_args
-from .eval_source import (EvalError, Source, headline, load_source, main_metric, metrics, resolve_settings,
+from pipeline.runtime import distributed
+from pipeline.config import Config, ConfigError, EvalConfig, arg_parser, parse_args
+from pipeline.evaluation.sources import (EvalError, Source, headline, load_source, main_metric, metrics, resolve_settings,
                           score, write_dump)
-from .export import DTYPES, ExportError, is_export, resolve_checkpoint, run_dir_of
-from .shards import Manifest, ShardError, SplitTokens, atomic_write_json
-from .streams import StreamError
+from pipeline.export import DTYPES, ExportError, is_export, resolve_checkpoint, run_dir_of
+from pipeline.data.shards import Manifest, ShardError, SplitTokens, atomic_write_json
+from pipeline.data.streams import StreamError
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -93,7 +93,7 @@ def _device() -> torch.device:
 
 def _tracker(cfg: Config, source: Optional[Source], rank: int):
     """A Tracker for this evaluation: nested under the training run when that run is in the store."""
-    from .tracking import Tracker
+    from pipeline.runtime.tracking import Tracker
 
     tcfg = copy.deepcopy(cfg.tracking)
     parent = source.mlflow_run_id if source is not None else None
@@ -101,7 +101,7 @@ def _tracker(cfg: Config, source: Optional[Source], rank: int):
         try:
             import mlflow
 
-            from .tracking import _quiet_store_logs, tracking_uri
+            from pipeline.runtime.tracking import _quiet_store_logs, tracking_uri
 
             _quiet_store_logs()
             client = mlflow.MlflowClient(tracking_uri(tcfg))
@@ -130,7 +130,7 @@ def evaluate(cfg: Config) -> dict:
     source = None
     if e.perplexity or e.speed.attn_lens:
         source = load_source(e.source or cfg.train.output, manifest, cfg.data.output, device, dtype)
-    from .tracking import _git
+    from pipeline.runtime.tracking import _git
 
     report: dict = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "command": " ".join(sys.argv), "git_commit": _git("rev-parse", "HEAD"),
@@ -170,7 +170,7 @@ def evaluate(cfg: Config) -> dict:
         report["settings"] = {"split": e.split}
 
     if e.speed.attn_lens and rank == 0:
-        from .evalspeed import format_rows, measure
+        from pipeline.evaluation.speed import format_rows, measure
 
         s = e.speed
         report["speed"] = measure(source.model, s.attn_lens, s.tgt_len or e.tgt_len or source.model.cfg.tgt_len,
@@ -278,7 +278,7 @@ def _track(cfg: Config, source: Optional[Source], report: dict, rows: list[dict]
 
 def run_recl(cfg: Config, manifest: Manifest, device: torch.device, dtype: torch.dtype, plot_path: Path) -> dict:
     """Per-token losses of every model of ``eval.recl.sources`` at ``contexts``, RECL table and plot."""
-    from .recl import context_losses, format_table, plot_table, recl_table, sample_positions
+    from pipeline.evaluation.recl import context_losses, format_table, plot_table, recl_table, sample_positions
 
     r = cfg.eval.recl
     names = list(r.names) or [_short_name(s) for s in r.sources]
@@ -329,8 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                             format=f"%(asctime)s evaluate[{rank}]: %(message)s", datefmt="%H:%M:%S")
-    from .checkpoint import CheckpointError
-    from .tokenizers import TokenizerError
+    from pipeline.runtime.checkpoint import CheckpointError
+    from pipeline.data.tokenizers import TokenizerError
 
     code = 0
     try:
@@ -341,13 +341,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.error("%s", exc)
         code = 1
     if distributed.is_initialized():
-        from .train import release_process_group
+        from pipeline.train import release_process_group
 
         release_process_group(clean=code == 0)
     return code
 
 
 if __name__ == "__main__":
-    from .train import exit_now
+    from pipeline.train import exit_now
 
     exit_now(main())   # skip interpreter teardown after gloo (see pipeline.train.exit_now)

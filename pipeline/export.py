@@ -10,7 +10,7 @@ An export directory holds::
     export.json         format, step, tag, git commit, manifest hash, metrics, tied names, sha256s
 
 Consolidation goes through ``deepspeed.utils.zero_to_fp32`` for ZeRO stages 1-3 (stage 0 keeps
-whole weights in rank 0's file), see ``pipeline.checkpoint.consolidated_state_dict``. safetensors
+whole weights in rank 0's file), see ``pipeline.runtime.checkpoint.consolidated_state_dict``. safetensors
 refuses tensors that share storage, so each tied group (adaptive softmax ↔ embedding weights,
 shared projections) is written once and its other names are listed in ``export.json``; the loader
 re-ties them by building the model (which ties them) and loading every name. The Al-Rfou model's
@@ -36,9 +36,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import Config, ConfigError, arg_parser, load_config, parse_args
-from .shards import Manifest, ShardError, atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
-from .tokenizers import TokenizerError, load_tokenizer, read_tokenizer
+from pipeline.config import Config, ConfigError, arg_parser, load_config, parse_args
+from pipeline.data.shards import Manifest, ShardError, atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
+from pipeline.data.tokenizers import TokenizerError, load_tokenizer, read_tokenizer
 
 log = logging.getLogger("pipeline.export")
 
@@ -64,7 +64,7 @@ def is_export(path: str | Path) -> bool:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (``.../checkpoints/global_stepN``) from itself, its ``checkpoints``
     directory or a run directory (``train.output``): the latest complete one."""
-    from . import checkpoint as ckpt
+    from pipeline.runtime import checkpoint as ckpt
 
     path = Path(path)
     if (path / ckpt.OURS / "meta.json").is_file():
@@ -101,7 +101,7 @@ def load_checkpoint_model(checkpoint: str | Path, device: str | torch.device = "
     """``(model, meta)``: a plain ``models`` module with a checkpoint's consolidated fp32 weights."""
     from models import build_model
 
-    from . import checkpoint as ckpt
+    from pipeline.runtime import checkpoint as ckpt
 
     path = resolve_checkpoint(checkpoint)
     meta = ckpt.load_meta(path)
@@ -114,7 +114,7 @@ def load_checkpoint_model(checkpoint: str | Path, device: str | torch.device = "
 def consolidate(checkpoint: Path) -> dict:
     """``checkpoint.consolidated_state_dict`` without zero_to_fp32's prints and progress bars on
     every rank (kept at debug level)."""
-    from . import checkpoint as ckpt
+    from pipeline.runtime import checkpoint as ckpt
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -157,7 +157,7 @@ def dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 
 
 def _git_commit() -> Optional[str]:
-    from .tracking import _git
+    from pipeline.runtime.tracking import _git
 
     return _git("rev-parse", "HEAD")
 
@@ -181,7 +181,7 @@ def export(cfg: Config) -> Path:
     """Export ``cfg.export.source`` (default: the latest checkpoint of ``train.output``)."""
     from models import build_model
 
-    from . import checkpoint as ckpt
+    from pipeline.runtime import checkpoint as ckpt
 
     e = cfg.export
     path = resolve_checkpoint(e.source or cfg.train.output)
@@ -317,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg, _ = parse_args(parser, argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="export: %(message)s")
-    from .checkpoint import CheckpointError
+    from pipeline.runtime.checkpoint import CheckpointError
 
     try:
         out = export(cfg)

@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import ConfigError, load_config
-from .scoring import eval_lengths
+from pipeline.config import ConfigError, load_config
+from pipeline.evaluation.scoring import eval_lengths
 
 log = logging.getLogger("pipeline.generate")
 
@@ -111,7 +111,7 @@ def _memory_len(memory) -> int:
 
 def run(cfg) -> dict:
     """Load the export named by ``cfg.generate``, sample, and return text, ids and timings."""
-    from .export import load_export
+    from pipeline.export import load_export
 
     g = cfg.generate
     if not g.export:
@@ -144,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. generate.top_k=40")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="generate: %(message)s")
-    from .export import ExportError
+    from pipeline.export import ExportError
 
     try:
         cfg = load_config(args.config, args.overrides)

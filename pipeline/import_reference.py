@@ -31,11 +31,11 @@ import torch
 from models import ModelConfig
 from models.reference import ReferenceWeightsError, config_from_hf, load_reference
 
-from .config import ConfigError, load_config, to_dict
-from .export import ExportError, save_export
-from .shards import Manifest, ShardError, sha256_file
-from .tokenizers import TokenizerError, load_tokenizer
-from .word_vocab import read_vocab_file
+from pipeline.config import ConfigError, load_config, to_dict
+from pipeline.export import ExportError, save_export
+from pipeline.data.shards import Manifest, ShardError, sha256_file
+from pipeline.data.tokenizers import TokenizerError, load_tokenizer
+from pipeline.data.tokenizers.word_vocab import read_vocab_file
 
 log = logging.getLogger("pipeline.import_reference")
 

@@ -2,7 +2,7 @@
 
     python -m pipeline.prepare --config configs/F.yaml [key=value ...] [--workers N] [--force]
 
-The work is split into *input units* (``pipeline.corpora``): shard i of a split holds exactly the
+The work is split into *input units* (``pipeline.data.corpora``): shard i of a split holds exactly the
 tokens of unit i, so the output is byte-identical for any worker count, job-array split or re-run.
 Three steps, which a single run does in order:
 
@@ -25,7 +25,7 @@ Array task 0 builds a missing or stale tokenizer first while the others wait for
 meanwhile, run ``--stage tokenizer`` as a job of its own before the array.
 
 This module holds the shard and merge steps and the entry points; the tokenizer step is in
-``pipeline.prepare_tokenizer``, unit reading/encoding and the worker pool in ``pipeline.prepare_units``.
+``pipeline.data.prepare.tokenizer``, unit reading/encoding and the worker pool in ``pipeline.data.prepare.units``.
 """
 from __future__ import annotations
 
@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config import Config, arg_parser, parse_args
-from pipeline.corpora import SPLITS, Corpus, CorpusError, Unit, open_corpus
-from pipeline.prepare_tokenizer import TokenizerSpec, resolve_tokenizer, tokenizer_step
-from pipeline.prepare_units import (PrepareError, cpu_count, encode_task, map_ordered, progress_bar, sha_json,
+from pipeline.data.corpora import SPLITS, Corpus, CorpusError, Unit, open_corpus
+from pipeline.data.prepare.tokenizer import TokenizerSpec, resolve_tokenizer, tokenizer_step
+from pipeline.data.prepare.units import (PrepareError, cpu_count, encode_task, map_ordered, progress_bar, sha_json,
                                     sidecar_path)
-from pipeline.shards import (MANIFEST, Manifest, ShardError, ShardInfo, SplitInfo, shard_name, token_dtype,
+from pipeline.data.shards import (MANIFEST, Manifest, ShardError, ShardInfo, SplitInfo, shard_name, token_dtype,
                              verify_shard)
-from pipeline.tokenizers import Tokenizer, TokenizerError
+from pipeline.data.tokenizers import Tokenizer, TokenizerError
 
 log = logging.getLogger("xlpipe.prepare")
 STAGES = ("auto", "all", "tokenizer", "shards", "merge")

@@ -10,7 +10,7 @@ its new memory feeds the same streams next step. At every boundary one all-reduc
 loss and agrees on two flags: a non-finite loss (stop with an error naming step, ranks and
 streams, before the update is applied; under fp16 the loss scaler skips instead) and a
 preemption signal (all ranks save, rank 0 requeues under SLURM, exit 0). A checkpoint resumes
-bitwise on the same world size and by stream id on another (pipeline/checkpoint.py, resume.py).
+bitwise on the same world size and by stream id on another (pipeline/runtime/checkpoint.py, resume.py).
 """
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ import torch
 
 from models import ModelOutput, build_model
 
-from . import checkpoint as ckpt
-from . import distributed
-from .config import Config, ConfigError, arg_parser, parse_args, to_dict, to_yaml
-from .engine import build_engine, engine_dtype, grad_norm, loss_scale
-from .resume import ResumePoint, find_resume, restore
-from .scoring import score_split, summarize, train_eval_mem_len
-from .shards import Manifest, ShardError, atomic_write_bytes, atomic_write_json
-from .streams import Batch, StreamError, open_streams
-from .tracking import Tracker
+from pipeline.runtime import checkpoint as ckpt
+from pipeline.runtime import distributed
+from pipeline.config import Config, ConfigError, arg_parser, parse_args, to_dict, to_yaml
+from pipeline.runtime.engine import build_engine, engine_dtype, grad_norm, loss_scale
+from pipeline.runtime.resume import ResumePoint, find_resume, restore
+from pipeline.evaluation.scoring import score_split, summarize, train_eval_mem_len
+from pipeline.data.shards import Manifest, ShardError, atomic_write_bytes, atomic_write_json
+from pipeline.data.streams import Batch, StreamError, open_streams
+from pipeline.runtime.tracking import Tracker
 
 log = logging.getLogger("pipeline.train")
 BPC_TOKENIZERS = ("char", "byte")

@@ -40,7 +40,7 @@ import json, sys
 from pathlib import Path
 from pipeline.config import load_config
 from pipeline.export import resolve_checkpoint
-from pipeline.tracking import tracking_uri
+from pipeline.runtime.tracking import tracking_uri
 
 config, export_dir, seconds, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 cfg = load_config(config, overrides)

@@ -10,7 +10,7 @@ import numpy as np
 
 # ----------------------------------------------------------------------------- the reference's semantics
 # Written here the way kimiyoung/transformer-xl's Vocab does it (per-line tokenize, Counter.update,
-# specials then most_common), independently of pipeline.tokenizers.
+# specials then most_common), independently of pipeline.data.tokenizers.
 
 
 def ref_vocab(lines, specials=(), lower_case=False, min_freq=0, max_size=None):

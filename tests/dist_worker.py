@@ -1,4 +1,4 @@
-"""One rank of the two-process test of pipeline.distributed's helpers (env-var launch, gloo).
+"""One rank of the two-process test of pipeline.runtime.distributed's helpers (env-var launch, gloo).
 
 Prints one JSON line with what this rank saw. Rank 1 signals itself (SIGUSR1) before step 3;
 both ranks must stop at step 3.
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline import distributed  # noqa: E402
+from pipeline.runtime import distributed  # noqa: E402
 
 
 def main() -> int:

@@ -14,11 +14,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models import build_model  # noqa: E402
-from pipeline import distributed  # noqa: E402
+from pipeline.runtime import distributed  # noqa: E402
 from pipeline.config import arg_parser, parse_args  # noqa: E402
-from pipeline.engine import build_engine  # noqa: E402
+from pipeline.runtime.engine import build_engine  # noqa: E402
 from pipeline.export import resolve_checkpoint  # noqa: E402
-from pipeline.shards import Manifest  # noqa: E402
+from pipeline.data.shards import Manifest  # noqa: E402
 from pipeline.train import exit_now, release_process_group, resolve_config  # noqa: E402
 
 

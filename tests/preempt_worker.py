@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import distributed  # noqa: E402
+from pipeline.runtime import distributed  # noqa: E402
 
 
 def write(path: Path, obj: dict) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelConfig
-from models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from models.transformer_xl import TransformerXL
 
 V = 60

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from models.attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, causal_mask,
+from models.modules.attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, causal_mask,
                               same_length_window)
-from models.positions import rel_shift, relative_distances, sinusoid
+from models.modules.positions import rel_shift, relative_distances, sinusoid
 from naive_positions import naive_sinusoid
 
 

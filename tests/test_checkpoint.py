@@ -1,4 +1,4 @@
-"""pipeline.checkpoint and the training stage's setup checks, in one process.
+"""pipeline.runtime.checkpoint and the training stage's setup checks, in one process.
 
 The save tests use a real one-rank DeepSpeed engine (gloo, world size 1) around a tiny
 Transformer-XL; the process group is torn down after the module.
@@ -17,9 +17,9 @@ import torch
 from models import build_model
 from models.config import ModelConfig
 from models.transformer_xl import TXLMemory
-from pipeline import checkpoint as ckpt
+from pipeline.runtime import checkpoint as ckpt
 from pipeline.config import Config, ConfigError, TrainConfig
-from pipeline.shards import Manifest, SplitInfo, write_shard
+from pipeline.data.shards import Manifest, SplitInfo, write_shard
 
 
 def make_manifest(root: Path, tokens: int = 300, vocab: int = 40) -> Manifest:
@@ -110,7 +110,7 @@ def test_resolve_config_takes_n_token_and_tgt_len(tmp_path):
 
 
 def test_fp16_without_a_gpu_is_refused_by_name():
-    from pipeline.engine import check_precision
+    from pipeline.runtime.engine import check_precision
 
     check_precision("fp32")
     check_precision("bf16")
@@ -135,8 +135,8 @@ def engine():
 
     import torch.distributed as dist
 
-    from pipeline import distributed
-    from pipeline.engine import build_engine
+    from pipeline.runtime import distributed
+    from pipeline.runtime.engine import build_engine
 
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.corpora import SPLITS, CorpusError, open_corpus, text8_normalise
-from pipeline.corpus_base import hash_split, line_boundaries
+from pipeline.data.corpora import SPLITS, CorpusError, open_corpus, text8_normalise
+from pipeline.data.corpora.base import hash_split, line_boundaries
 from corpus_fixtures import LM1B_TOP, make_bytes_file, make_lm1b, make_ptb, make_text, make_wt103
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def test_text8_normaliser():
 def test_text8_normalise_cli(tmp_path):
     src, dst = tmp_path / "in.txt", tmp_path / "out" / "text8"
     src.write_text("The 2 Towers\nby Tolkien.\n")
-    subprocess.run([sys.executable, "-m", "pipeline.corpora", "text8-normalise", str(src), str(dst)],
+    subprocess.run([sys.executable, "-m", "pipeline.data.corpora", "text8-normalise", str(src), str(dst)],
                    check=True, cwd=REPO, capture_output=True)
     assert dst.read_text() == " the two towers by tolkien"
 
@@ -223,7 +223,7 @@ def test_text_globs_jsonl_and_hash_split(tmp_path):
 def test_text_bad_jsonl_and_missing_globs(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"txt": "no field"}\n')
     corpus = open_corpus(data(corpus="text", path=str(tmp_path / "*.jsonl"), valid_fraction=0.0, test_fraction=0.0))
-    from pipeline.corpus_base import Piece, Unit
+    from pipeline.data.corpora.base import Piece, Unit
     size = (tmp_path / "a.jsonl").stat().st_size
     unit = Unit("train", 0, (Piece(str(tmp_path / "a.jsonl"), 0, size, size),))
     with pytest.raises(CorpusError, match=r"a.jsonl: the record at byte offset 15 has no string field 'text'"):

@@ -1,4 +1,4 @@
-"""pipeline.distributed: environment resolution, process group helpers, preemption flag.
+"""pipeline.runtime.distributed: environment resolution, process group helpers, preemption flag.
 
 The SLURM-launched versions of these checks live in test_slurm.py (real daemons).
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import distributed
-from pipeline.distributed import StopSignal, first_host, first_host_parsed, resolve_env, setup_env
+from pipeline.runtime import distributed
+from pipeline.runtime.distributed import StopSignal, first_host, first_host_parsed, resolve_env, setup_env
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -73,7 +73,7 @@ def test_plain_env_and_single_process():
 def test_batch_script_outside_srun_is_one_process(caplog):
     env = {k: v for k, v in srun_env(SLURM_PROCID="0", SLURM_LOCALID="0").items()
            if not k.startswith("SLURM_STEP")}
-    with caplog.at_level(logging.WARNING, logger="pipeline.distributed"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.runtime.distributed"):
         got = resolve_env(env)
     assert (got.launcher, got.world_size, got.rank) == ("single", 1, 0)
     assert "not started by srun" in caplog.text and "4 tasks" in caplog.text
@@ -150,7 +150,7 @@ def test_requeue_outside_slurm_and_without_scontrol(monkeypatch, caplog, tmp_pat
     # (A job scontrol refuses is covered against the real cluster in test_slurm.py.)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("PATH", str(tmp_path))
-    with caplog.at_level(logging.ERROR, logger="pipeline.distributed"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.runtime.distributed"):
         assert distributed.requeue() is False
     assert "scontrol requeue 4242" in caplog.text and "will not restart" in caplog.text
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.dropout import Dropout, cpu_dropout
+from models.modules.dropout import Dropout, cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5])

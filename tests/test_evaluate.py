@@ -21,8 +21,8 @@ from models import ModelConfig, build_model
 from pipeline.config import load_config, to_dict
 from pipeline.evaluate import EvalError, evaluate, metrics
 from pipeline.export import ExportError, save_export
-from pipeline.shards import Manifest
-from pipeline.tokenizers import load_tokenizer
+from pipeline.data.shards import Manifest
+from pipeline.data.tokenizers import load_tokenizer
 from train_fixtures import REPO, launch, make_shards
 
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -263,7 +263,7 @@ def test_errors_name_what_is_wrong(shards, export_dir, tmp_path):
     other = make_shards(tmp_path / "other", n_docs=120)
     with pytest.raises(EvalError, match="manifest sha256"):
         run_eval(other, export_dir, tmp_path)
-    from pipeline.streams import StreamError
+    from pipeline.data.streams import StreamError
 
     with pytest.raises(StreamError, match="n_streams"):
         run_eval(shards, export_dir, tmp_path, "eval.n_streams=100000")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from models import ModelConfig, build_model
 from pipeline.config import load_config, to_dict
 from pipeline.export import ExportError, load_export, save_export
-from pipeline.tokenizers import load_tokenizer
+from pipeline.data.tokenizers import load_tokenizer
 from train_fixtures import PY, REPO, TINY, clean_env, launch, make_shards
 
 CONFIG = REPO / "configs" / "tiny.yaml"

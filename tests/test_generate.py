@@ -13,8 +13,8 @@ from models import ModelConfig, build_model
 from pipeline.config import load_config, to_dict
 from pipeline.export import load_export, save_export
 from pipeline.generate import CachedLM, generate, main, run, sample
-from pipeline.shards import Manifest
-from pipeline.tokenizers import load_tokenizer
+from pipeline.data.shards import Manifest
+from pipeline.data.tokenizers import load_tokenizer
 from train_fixtures import REPO, make_shards
 
 CONFIG = REPO / "configs" / "tiny.yaml"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.ds_config import deepspeed_config
-from pipeline.optim import build_optimizer, build_schedule
+from pipeline.runtime.ds_config import deepspeed_config
+from pipeline.runtime.optim import build_optimizer, build_schedule
 
 
 def lrs(cfg: TrainConfig, n: int) -> list[float]:

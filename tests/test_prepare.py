@@ -16,10 +16,10 @@ import pytest
 from corpus_fixtures import (make_bytes_file, make_lm1b, make_ptb, make_text, make_wt103, ref_encode,
                              ref_vocab)
 from pipeline.config import load_config
-from pipeline.corpora import CorpusError
+from pipeline.data.corpora import CorpusError
 from pipeline.prepare import PrepareError, main, prepare
-from pipeline.shards import Manifest, ShardError, ShardReader, SplitTokens
-from pipeline.tokenizers import TokenizerError, load_tokenizer
+from pipeline.data.shards import Manifest, ShardError, ShardReader, SplitTokens
+from pipeline.data.tokenizers import TokenizerError, load_tokenizer
 
 SPLITS = ("train", "valid", "test")
 
@@ -175,7 +175,7 @@ def test_text_corpus_sentencepiece_documents(tmp_path):
     manifest = prepare(cfg, workers=2)
     tok = load_tokenizer(out)
     assert manifest.tokenizer["special"]["eos"] == tok.eos_id == tok.doc_end
-    from pipeline.corpora import open_corpus
+    from pipeline.data.corpora import open_corpus
     corpus = open_corpus(cfg.data)
     plan = corpus.plan()
     for split in SPLITS:
@@ -195,7 +195,7 @@ def test_text_corpus_word_vocab(tmp_path):
     cfg = config(out, "data.corpus=text", f"data.path={root}/docs/**/*.txt,{root}/docs/*.jsonl", "data.text_field=body",
                  "data.valid_fraction=0.2", "data.test_fraction=0.2", "data.unit_bytes=700")
     prepare(cfg, workers=2)
-    from pipeline.corpora import open_corpus
+    from pipeline.data.corpora import open_corpus
     corpus = open_corpus(cfg.data)
     plan = corpus.plan()
     lines = {s: list(io.StringIO("".join(d for u in plan[s] for d, _ in corpus.read_documents(u)), newline=None))
@@ -298,7 +298,7 @@ def test_array_tasks_wait_for_task_0_to_build_the_tokenizer(wt103, tmp_path):
 
 
 def test_task_ranges_are_disjoint_and_cover(wt103):
-    from pipeline.corpora import open_corpus
+    from pipeline.data.corpora import open_corpus
     from pipeline.prepare import task_units
     plan = open_corpus(load_config(None, ["data.corpus=wt103", f"data.path={wt103}", "data.unit_bytes=300"]).data).plan()
     every = [(u.split, u.index) for s in SPLITS for u in plan[s]]

@@ -1,4 +1,4 @@
-"""pipeline.scoring against independent computations on real shards: a naive per-stream loop over
+"""pipeline.evaluation.scoring against independent computations on real shards: a naive per-stream loop over
 the raw token array, and the recurrence identity of Transformer-XL (segments with enough memory
 == one full-length forward of the stream)."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 
 from models import build_model
 from models.config import ModelConfig
-from pipeline.scoring import eval_lengths, score_split, summarize, train_eval_mem_len
-from pipeline.shards import Manifest, SplitInfo, write_shard
+from pipeline.evaluation.scoring import eval_lengths, score_split, summarize, train_eval_mem_len
+from pipeline.data.shards import Manifest, SplitInfo, write_shard
 
 N_TOKEN = 50
 

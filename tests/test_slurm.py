@@ -1,4 +1,4 @@
-"""Integration tier: pipeline.distributed under a real SLURM (munged + slurmctld + slurmd).
+"""Integration tier: pipeline.runtime.distributed under a real SLURM (munged + slurmctld + slurmd).
 
 The cluster comes from tests/slurm_harness.py (skips without the Debian packages unless
 XLPIPE_REQUIRE_SLURM=1). Each job runs the venv's python from the repo root.
@@ -44,7 +44,7 @@ def wait_files(paths, timeout: float = 90.0, cluster=None, job=None):
 def test_srun_resolves_ranks_and_all_reduces(slurm_cluster, tmp_path):
     out = tmp_path / "job.out"
     job = slurm_cluster.sbatch(["-n", "2", f"--chdir={REPO}", f"--output={out}",
-                                "--wrap", f"srun {PY} -m pipeline.distributed"], env=job_env())
+                                "--wrap", f"srun {PY} -m pipeline.runtime.distributed"], env=job_env())
     info = slurm_cluster.wait(job, timeout=120)
     text = out.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
@@ -116,11 +116,11 @@ def test_scancel_signal_reaches_every_task_not_the_batch_shell(slurm_cluster, tm
 def test_requeue_refused_by_scontrol_is_logged(slurm_cluster, monkeypatch, caplog):
     import logging
 
-    from pipeline import distributed
+    from pipeline.runtime import distributed
 
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     monkeypatch.delenv("RANK", raising=False)
-    with caplog.at_level(logging.ERROR, logger="pipeline.distributed"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.runtime.distributed"):
         assert distributed.requeue("1") is False  # no such job on this cluster
     assert "scontrol requeue 1 exited" in caplog.text and "Invalid job id" in caplog.text
 
@@ -131,7 +131,7 @@ def test_requeue_refused_by_scontrol_is_logged(slurm_cluster, monkeypatch, caplo
 # chaining): the same CLI, then the self-check. The training stage itself runs for real below.
 STUB_STAGE = '''
 import json, os, sys
-from pipeline import distributed
+from pipeline.runtime import distributed
 from pipeline.config import arg_parser
 args = arg_parser("train", "stub").parse_args()
 report = distributed.self_check()

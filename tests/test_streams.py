@@ -1,4 +1,4 @@
-"""Segment streams (pipeline/streams.py) on real shards written with write_shard.
+"""Segment streams (pipeline/data/streams.py) on real shards written with write_shard.
 
 Every expectation is computed from the raw token array (stream b = raw[b*L : (b+1)*L + 1] with
 L = (T - 1) // n), never from the stream code; resume tests compare against an uninterrupted run.
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shards import Manifest, ShardError, SplitInfo, write_shard
-from pipeline.streams import StreamError, merge_states, open_streams, stream_ids
+from pipeline.data.shards import Manifest, ShardError, SplitInfo, write_shard
+from pipeline.data.streams import StreamError, merge_states, open_streams, stream_ids
 
 
 def make_split(root, raw: np.ndarray, dtype: str = "uint16", chunk_tokens: int = 64, shard_tokens=(700, 333, 1000),

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from corpus_fixtures import file_lines, ref_encode, ref_vocab
-from pipeline.shards import Manifest, SplitInfo
-from pipeline.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenizer, TokenizerError, UnknownSymbolError,
+from pipeline.data.shards import Manifest, SplitInfo
+from pipeline.data.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenizer, TokenizerError, UnknownSymbolError,
                                  WordVocab, load_tokenizer, read_tokenizer, save_tokenizer, train_sentencepiece)
-from pipeline.word_vocab import CountMerger, count_chars, count_words, read_vocab_file, vocab_from_counts
+from pipeline.data.tokenizers.word_vocab import CountMerger, count_chars, count_words, read_vocab_file, vocab_from_counts
 
 # Ties (b/c/a each twice, in that first-occurrence order), an empty line, a blank line, upper case,
 # unicode whitespace the reference's str.split() also splits on, a literal <unk>.
@@ -62,7 +62,7 @@ def random_texts(n=200, seed=0):
 
 
 def test_unicode_spaces_are_exactly_pythons():
-    from pipeline.fastwords import ASCII_SPACES, UNICODE_SPACES
+    from pipeline.data.tokenizers.fastwords import ASCII_SPACES, UNICODE_SPACES
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
     assert spaces == [chr(b) for b in ASCII_SPACES] + list(UNICODE_SPACES)
     assert all(len(f"a{c}b".split()) == 2 for c in spaces)

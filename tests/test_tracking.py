@@ -1,4 +1,4 @@
-"""pipeline.tracking against real MLflow stores: SQLite files here, a real server (slow).
+"""pipeline.runtime.tracking against real MLflow stores: SQLite files here, a real server (slow).
 
 What a run holds is read back with plain sqlite3 / the server's REST API / the artifact files,
 not through the Tracker.
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipeline.config import Config, TrackingConfig, flatten
-from pipeline.tracking import MAX_PARAM_VAL_LENGTH, Tracker, tracking_uri
+from pipeline.runtime.tracking import MAX_PARAM_VAL_LENGTH, Tracker, tracking_uri
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -72,7 +72,7 @@ def runs(tmp_path_factory) -> Runs:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    from pipeline.checkpoint import consolidated_state_dict
+    from pipeline.runtime.checkpoint import consolidated_state_dict
 
     return consolidated_state_dict(path)
 
@@ -125,7 +125,7 @@ def test_zero_stages_agree_with_clipping_to_rounding(runs):
 
 def test_streams_are_the_split_in_order(runs):
     """What the model saw is contiguous raw split bytes per stream (rolled), step after step."""
-    from pipeline.shards import Manifest, SplitTokens
+    from pipeline.data.shards import Manifest, SplitTokens
 
     seen = per_stream(runs.run("stage0", ["train.zero_stage=0"]))
     tokens = SplitTokens(runs.shards, Manifest.load(runs.shards), "train")
@@ -177,7 +177,7 @@ def test_resume_is_bitwise(runs, stage):
 
 
 def test_checkpoint_files_and_pruning(runs):
-    from pipeline.checkpoint import latest_tag, list_tags
+    from pipeline.runtime.checkpoint import latest_tag, list_tags
 
     runs.run("stage2", ["train.zero_stage=2"])
     root = runs.root / "stage2" / "checkpoints"
@@ -329,7 +329,7 @@ def test_validation_matches_an_independent_scoring_of_the_checkpoint(runs):
     (a plain model, one process holding every stream)."""
     from models import build_model
     from pipeline.config import load_config
-    from pipeline.scoring import score_split
+    from pipeline.evaluation.scoring import score_split
 
     res = runs.run("tracked", ["train.zero_stage=1", "train.eval_every=3"], tracked=True)
     cfg = load_config(CONFIG, [*TINY, "model.n_token=256"])

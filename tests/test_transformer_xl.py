@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import ModelConfig, build_model
-from models.attention import causal_mask
+from models.modules.attention import causal_mask
 from models.transformer_xl import TransformerXL, TXLMemory
 from naive_positions import naive_sinusoid
 

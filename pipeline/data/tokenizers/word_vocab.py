@@ -12,8 +12,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from pipeline import fastwords
-from pipeline.tokenizer_base import Tokenizer, TokenizerError, UnknownSymbolError
+from pipeline.data.tokenizers import fastwords
+from pipeline.data.tokenizers.base import Tokenizer, TokenizerError, UnknownSymbolError
 
 
 def count_words(text: str, lower_case: bool = False) -> tuple[list[str], np.ndarray]:

@@ -6,10 +6,10 @@ alone (never by worker or task counts): whole lines of a big file grouped up to 
 byte range of enwik8/text8, or a group of small files. Prepare turns unit i of a split into shard i.
 
 Corpora and their reference semantics are described in README.md, section "Corpora". Nothing is
-downloaded here. ``python -m pipeline.corpora text8-normalise IN OUT`` turns any text into text8 form.
+downloaded here. ``python -m pipeline.data.corpora text8-normalise IN OUT`` turns any text into text8 form.
 
-Units and the Corpus interface are in pipeline/corpus_base.py, the document corpora (text,
-stdlib) in pipeline/text_corpora.py; this module has the reference corpora and the registry.
+Units and the Corpus interface are in pipeline/data/corpora/base.py, the document corpora (text,
+stdlib) in pipeline/data/corpora/text.py; this module has the reference corpora and the registry.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from pipeline.shards import atomic_write_bytes
+from pipeline.data.shards import atomic_write_bytes
 
-from pipeline.corpus_base import (README, REFERENCE_BYTES, REFERENCE_HELDOUT, SPLITS, Corpus, CorpusError, Piece,
+from pipeline.data.corpora.base import (README, REFERENCE_BYTES, REFERENCE_HELDOUT, SPLITS, Corpus, CorpusError, Piece,
                                   TokenizerDefaults, Unit, decode, file_piece, missing_error, read_range)
-from pipeline.text_corpora import Stdlib, TextFiles
+from pipeline.data.corpora.text import Stdlib, TextFiles
 
 if TYPE_CHECKING:  # the config module imports torch (via models); the text8 CLI does not need it
     from pipeline.config import DataConfig
@@ -250,7 +250,7 @@ def _normalise_file(src: str, dst: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.corpora", description="corpus tools")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.data.corpora", description="corpus tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
     norm = sub.add_parser("text8-normalise", help="turn UTF-8 text into text8 form (a-z and single spaces)")
     norm.add_argument("input")
@@ -261,6 +261,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes)", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,12 +40,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import distributed
-from .config import TrackingConfig, flatten
+from pipeline.runtime import distributed
+from pipeline.config import TrackingConfig, flatten
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_PARAMS_PER_BATCH = 100     # MLflow's LogBatch limits (mlflow.utils.validation)
 MAX_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000

@@ -1,4 +1,4 @@
-"""What every tokenizer is (``Tokenizer``), its errors and its file names (see pipeline.tokenizers)."""
+"""What every tokenizer is (``Tokenizer``), its errors and its file names (see pipeline.data.tokenizers)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,8 +5,8 @@ Every tokenizer has ``encode(text) -> np.ndarray[int64]``, ``decode(ids) -> str`
 the shards as ``tokenizer.json`` (plus ``tokenizer.model`` for sentencepiece); the manifest holds
 their sha256 and ``load_tokenizer`` checks them before later stages use the tokenizer.
 
-The base class and errors are in pipeline/tokenizer_base.py, word vocabularies in
-pipeline/word_vocab.py; this module adds characters, bytes, sentencepiece and the files.
+The base class and errors are in pipeline/data/tokenizers/base.py, word vocabularies in
+pipeline/data/tokenizers/word_vocab.py; this module adds characters, bytes, sentencepiece and the files.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.shards import MANIFEST, Manifest, atomic_write_bytes, sha256_file
-from pipeline.tokenizer_base import SPM_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, UnknownSymbolError
-from pipeline.word_vocab import WordVocab
+from pipeline.data.shards import MANIFEST, Manifest, atomic_write_bytes, sha256_file
+from pipeline.data.tokenizers.base import SPM_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, UnknownSymbolError
+from pipeline.data.tokenizers.word_vocab import WordVocab
 
 # ----------------------------------------------------------------------------- characters and bytes
 

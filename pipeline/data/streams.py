@@ -48,7 +48,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from pipeline.shards import Manifest, SplitTokens
+from pipeline.data.shards import Manifest, SplitTokens
 
 STATE_VERSION = 1
 MODES = ("ordered", "shuffled_sentences")

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from .config import TrainConfig
+from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ Preemption (DESIGN.md): SIGUSR1/SIGTERM only set a flag (``StopSignal``); at a s
 ``should_stop()`` all-reduces it with MAX so every rank stops at the same step; after all ranks
 saved, rank 0 calls ``requeue()`` (``scontrol requeue $SLURM_JOB_ID``) and the job exits 0.
 
-``python -m pipeline.distributed`` prints the resolved environment as JSON and all-reduces
+``python -m pipeline.runtime.distributed`` prints the resolved environment as JSON and all-reduces
 ``rank + 1`` as a self-check (the SLURM tests run it under ``srun``).
 """
 from __future__ import annotations
@@ -419,7 +419,7 @@ def self_check() -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.distributed",
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runtime.distributed",
                                      description="Print the resolved rank/world/master and all-reduce once.")
     parser.parse_args(argv)
     report = self_check()

@@ -1,6 +1,6 @@
 """The DeepSpeed engine for a model: our optimizer and schedule, the JSON from our config.
 
-``build_engine`` hands DeepSpeed a client optimizer (``pipeline.optim``) and LambdaLR schedule,
+``build_engine`` hands DeepSpeed a client optimizer (``pipeline.runtime.optim``) and LambdaLR schedule,
 so the same optimizer code runs under every ZeRO stage; DeepSpeed steps the schedule at each
 accumulation boundary where the update was applied (not on fp16 overflow skips) and keeps its
 state in the checkpoint. Precision comes from the JSON: the engine casts the module to bf16/fp16
@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-from .config import Config, ConfigError, TrainConfig
-from .ds_config import deepspeed_config
-from .optim import Schedule, build_optimizer, build_schedule
+from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.runtime.ds_config import deepspeed_config
+from pipeline.runtime.optim import Schedule, build_optimizer, build_schedule
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.corpora import Corpus, CorpusError, Unit
-from pipeline.shards import atomic_write_json, shard_name, write_shard
-from pipeline.tokenizers import ByteTokenizer, Tokenizer, UnknownSymbolError
-from pipeline.word_vocab import count_chars, count_words
+from pipeline.data.corpora import Corpus, CorpusError, Unit
+from pipeline.data.shards import atomic_write_json, shard_name, write_shard
+from pipeline.data.tokenizers import ByteTokenizer, Tokenizer, UnknownSymbolError
+from pipeline.data.tokenizers.word_vocab import count_chars, count_words
 
 
 class PrepareError(RuntimeError):

@@ -5,7 +5,7 @@ streams one micro-batch of one rank carries. Never "auto" (only HF's integration
 """
 from __future__ import annotations
 
-from .config import ConfigError, TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 
 
 def streams_per_micro_batch(cfg: TrainConfig, world_size: int) -> int:

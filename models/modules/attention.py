@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dropout import Dropout
-from .layers import layer_norm, linear
-from .positions import rel_shift
+from models.modules.dropout import Dropout
+from models.modules.layers import layer_norm, linear
+from models.modules.positions import rel_shift
 
 
 def causal_mask(qlen: int, mlen: int, window: Optional[int] = None, device=None) -> Tensor:

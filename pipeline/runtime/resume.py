@@ -16,12 +16,12 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import checkpoint as ckpt
-from . import distributed
-from .config import Config, to_dict
-from .engine import engine_dtype, fast_forward_schedule, retarget_schedule
-from .shards import Manifest
-from .streams import merge_states
+from pipeline.runtime import checkpoint as ckpt
+from pipeline.runtime import distributed
+from pipeline.config import Config, to_dict
+from pipeline.runtime.engine import engine_dtype, fast_forward_schedule, retarget_schedule
+from pipeline.data.shards import Manifest
+from pipeline.data.streams import merge_states
 
 log = logging.getLogger("pipeline.train")
 

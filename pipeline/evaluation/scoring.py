@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import distributed
-from .streams import open_streams
+from pipeline.runtime import distributed
+from pipeline.data.streams import open_streams
 
 
 def _module(model) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import sysconfig
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from pipeline.corpus_base import (GLOB_MAGIC, README, SPLITS, Corpus, CorpusError, Piece, TokenizerDefaults, Unit,
+from pipeline.data.corpora.base import (GLOB_MAGIC, README, SPLITS, Corpus, CorpusError, Piece, TokenizerDefaults, Unit,
                                   decode, hash_split, line_boundaries, read_range)
 
 if TYPE_CHECKING:

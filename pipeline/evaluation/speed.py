@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .scoring import eval_lengths
+from pipeline.evaluation.scoring import eval_lengths
 
 
 def _sync(device: torch.device) -> None:

@@ -12,12 +12,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import distributed
-from .config import EvalConfig
-from .export import is_export, load_checkpoint_model, load_export, resolve_checkpoint, run_dir_of
-from .scoring import score_split, train_eval_mem_len
-from .shards import Manifest, atomic_write_bytes
-from .streams import StreamLayout
+from pipeline.runtime import distributed
+from pipeline.config import EvalConfig
+from pipeline.export import is_export, load_checkpoint_model, load_export, resolve_checkpoint, run_dir_of
+from pipeline.evaluation.scoring import score_split, train_eval_mem_len
+from pipeline.data.shards import Manifest, atomic_write_bytes
+from pipeline.data.streams import StreamLayout
 
 BPC_KINDS = ("char", "byte")
 
@@ -54,7 +54,7 @@ class Source:
 def load_source(path: str | Path, manifest: Manifest, shard_dir: str, device: torch.device,
                 dtype: torch.dtype) -> Source:
     """Load a run dir / checkpoint / export and check it was trained on these shards."""
-    from . import checkpoint as ckpt
+    from pipeline.runtime import checkpoint as ckpt
 
     if is_export(path):
         model, _, meta = load_export(path, device=device, dtype=dtype)
@@ -151,7 +151,7 @@ class TokenDump:
         nll = nll.detach().float().cpu().numpy()
         for row, b in enumerate(batch.stream_ids):
             o = self.offsets.get(b, 0)
-            # stream b's target j sits at split position b*L + j + 1 (pipeline/streams.py)
+            # stream b's target j sits at split position b*L + j + 1 (pipeline/data/streams.py)
             self.positions.append(b * self.L + o + 1 + np.arange(n))
             self.values.append(nll[row])
             self.offsets[b] = o + n

@@ -173,7 +173,7 @@ def context_losses(model, tokens: np.ndarray | torch.Tensor, positions: Sequence
     Each window of exactly c tokens is one forward from empty memory (Transformer-XL: segment
     length c, no memory kept; the Al-Rfou model: c <= its window); only its last position is scored.
     """
-    from .scoring import eval_lengths
+    from pipeline.evaluation.scoring import eval_lengths
 
     module = getattr(model, "module", model)
     device = device or next(module.parameters()).device

@@ -1,5 +1,5 @@
 """What every corpus is: input units (``Unit`` of ``Piece``s), the ``Corpus`` interface prepare
-reads through, its errors, and the byte-range helpers the corpora share (see pipeline.corpora)."""
+reads through, its errors, and the byte-range helpers the corpora share (see pipeline.data.corpora)."""
 from __future__ import annotations
 
 import dataclasses

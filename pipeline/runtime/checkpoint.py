@@ -30,8 +30,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from . import distributed
-from .shards import Manifest, atomic_write_bytes, atomic_write_json, read_versioned_json
+from pipeline.runtime import distributed
+from pipeline.data.shards import Manifest, atomic_write_bytes, atomic_write_json, read_versioned_json
 
 log = logging.getLogger(__name__)
 
