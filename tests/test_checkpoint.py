@@ -109,14 +109,22 @@ def test_resolve_config_takes_n_token_and_tgt_len(tmp_path):
         resolve_config(Config(model=ModelConfig(tgt_len=16), train=TrainConfig(tgt_len=32)), m, "shards")
 
 
-def test_fp16_without_a_gpu_is_refused_by_name():
-    from pipeline.runtime.engine import check_precision
+def test_precision_is_refused_by_name_exactly_where_the_accelerator_lacks_it():
+    from deepspeed.accelerator import get_accelerator
 
-    check_precision("fp32")
-    check_precision("bf16")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="train.precision=fp16 is not supported on DeepSpeed's 'cpu'"):
-            check_precision("fp16")
+    from pipeline.runtime.engine import check_precision, precision_support
+
+    acc = get_accelerator()
+    support = precision_support()
+    # The capability comes from DeepSpeed's own probe (on CPU: oneDNN's fp16 support), not a CPU name.
+    assert support == {"fp16": bool(acc.is_fp16_supported()), "bf16": bool(acc.is_bf16_supported()), "fp32": True}
+    for precision, ok in support.items():
+        if ok:
+            check_precision(precision)
+        else:
+            with pytest.raises(ConfigError, match=f"train.precision={precision} is not supported on DeepSpeed's "
+                                                  f"'{acc.device_name()}' accelerator"):
+                check_precision(precision)
 
 
 def test_non_finite_message_names_step_rank_and_streams():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -371,13 +372,42 @@ def test_non_finite_loss_stops_naming_step_and_streams(runs):
     assert not (runs.root / "nan" / "checkpoints" / "latest").exists()      # nothing trained through
 
 
-def test_bf16_runs_on_cpu_and_fp16_is_refused_clearly(runs):
+def test_bf16_runs_on_cpu(runs):
     res = runs.run("bf16", ["train.precision=bf16", "train.max_steps=2", "train.save_every=0"], world=1)
     assert len(res[0]["losses"]) == 2 and all(math.isfinite(x) for x in res[0]["losses"])
     state = torch.load(runs.ckpt("bf16", 2) / "xlpipe" / "rank0.pt", weights_only=True)
     assert state["memory"]["fields"]["hidden"].dtype == torch.bfloat16     # memory follows the precision
-    out = launch(1, ["-m", "pipeline.train", *runs.args("fp16", ["train.precision=fp16"])], cwd=REPO)
-    assert out[0][0] == 1 and "train.precision=fp16 is not supported" in out[0][1], out[0][1][-2000:]
+
+
+def _fp16_supported() -> bool:
+    from pipeline.runtime.engine import precision_support
+
+    return precision_support()["fp16"]
+
+
+def test_fp16_follows_the_machine(runs):
+    """Where DeepSpeed's accelerator has fp16 (AVX512-FP16/AMX CPUs, GPUs) it trains with the
+    dynamic loss scaler; elsewhere it is refused by name before any work."""
+    if not _fp16_supported():
+        out = launch(1, ["-m", "pipeline.train", *runs.args("fp16", ["train.precision=fp16"])], cwd=REPO)
+        assert out[0][0] == 1 and "train.precision=fp16 is not supported" in out[0][1], out[0][1][-2000:]
+        assert not (runs.root / "fp16" / "checkpoints").exists()
+        return
+    # A start scale of 2^24 overflows fp16 gradients: the scaler must skip those steps and halve the
+    # scale each time (hysteresis 1) until the gradients fit, then the weights move.
+    args = runs.args("fp16", ["train.precision=fp16", "train.max_steps=20", "train.save_every=0",
+                              "train.log_every=1", "train.fp16_initial_scale_power=24", "train.fp16_hysteresis=1"])
+    out = launch(1, ["-m", "pipeline.train", *args], cwd=REPO)
+    rc, text = out[0]
+    assert rc == 0, text[-3000:]
+    scales = [float(m) for m in re.findall(r"loss-scale (\S+) \(skipped", text)]
+    skipped = [int(m) for m in re.findall(r"\(skipped (\d+)\)", text)]
+    assert len(scales) == 20, text[-3000:]
+    assert scales[0] < 2.0 ** 24                              # the first step overflowed and was skipped
+    assert all(b <= a for a, b in zip(scales, scales[1:]))    # only halving within 20 steps (window 1000)
+    assert 1 <= skipped[-1] < 20                              # skipped since the start: some, not all
+    assert all(abs(math.log2(s) - round(math.log2(s))) < 1e-4 for s in scales)   # halvings of 2^24
+    assert all(math.isfinite(float(x)) for x in re.findall(r"\| loss (\S+) \|", text)[-5:])
 
 
 def test_changed_shards_are_refused_on_resume(runs):

@@ -22,17 +22,25 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def precision_support() -> dict[str, bool]:
+    """Which precisions DeepSpeed's accelerator runs here. On CPU, fp16 follows the machine
+    (oneDNN fp16: AVX512-FP16/AMX-FP16 Xeons yes, most others no); bf16 runs everywhere."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return {"fp16": bool(acc.is_fp16_supported()), "bf16": bool(acc.is_bf16_supported()), "fp32": True}
+
+
 def check_precision(precision: str) -> None:
     """Refuse a precision DeepSpeed's accelerator cannot run, before building anything."""
     from deepspeed.accelerator import get_accelerator
 
-    acc = get_accelerator()
-    supported = {"fp16": acc.is_fp16_supported(), "bf16": acc.is_bf16_supported(), "fp32": True}
+    supported = precision_support()
     if not supported[precision]:
         others = [p for p, ok in supported.items() if ok]
-        raise ConfigError(f"train.precision={precision} is not supported on DeepSpeed's {acc.device_name()!r} "
-                          f"accelerator (on CPU DeepSpeed has no fp16 engine: 'Type fp16 is not supported on "
-                          f"your device'); use one of {others}")
+        raise ConfigError(f"train.precision={precision} is not supported on DeepSpeed's "
+                          f"{get_accelerator().device_name()!r} accelerator on this machine (on CPU, fp16 needs "
+                          f"oneDNN fp16 support: AVX512-FP16 or AMX-FP16); use one of {others}")
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int,
