@@ -1,8 +1,22 @@
-"""The one interface every model family implements (DESIGN.md contract 3)."""
+"""The family seam: everything the pipeline may ask of a model family (docs/architecture.md, contract 3).
+
+The pipeline never probes a model with ``hasattr`` or compares family names: what differs per
+family is a method or class attribute here, and each family answers it in its own terms (or with
+a clear error for a setting it does not have). torchtitan's ``TrainSpec`` is the model for this.
+
+Evaluation lengths (the names of :data:`LENGTHS`):
+  ``tgt_len``      tokens per forward (the segment);
+  ``mem_len``      how much memory is kept between forwards;
+  ``clamp_len``    relative distances clamped at this value (-1: none);
+  ``same_length``  every query sees the same number of keys.
+A family lists the ones it has in ``length_names``; ``eval_lengths(...)`` sets them for a block and
+restores them afterwards, also on error.
+"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +51,26 @@ class ModelOutput:
         return self.loss if self.aux_loss is None else self.loss + self.aux_loss
 
 
+LENGTHS = ("tgt_len", "mem_len", "clamp_len", "same_length")
+
+
 class LanguageModel(nn.Module):
-    """Base class for model families: fixes the call signature and progress hook."""
+    """Base class of every family: ``model(input_ids, targets=None, memory=None) -> ModelOutput``.
+
+    Class attributes a family sets:
+      family          its registry name (``model.family`` in configs);
+      length_names    the evaluation lengths it has (a subset of :data:`LENGTHS`);
+      suffix_targets  True when ``targets`` may be shorter than the input and then score only
+                      the last positions (a window scored at its last token costs one softmax);
+                      False when every input position takes a target;
+      caches_hidden   True when memory holds computed hidden states, so a cached evaluation
+                      skips recomputation (the speed comparison with sliding windows needs it).
+    """
+
+    family: ClassVar[str] = ""
+    length_names: ClassVar[tuple[str, ...]] = ()
+    suffix_targets: ClassVar[bool] = False
+    caches_hidden: ClassVar[bool] = False
 
     def init_memory(self, batch_size: int, device=None) -> Memory:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -57,3 +89,72 @@ class LanguageModel(nn.Module):
         return_logprobs: bool = False,
     ) -> ModelOutput:
         raise NotImplementedError
+
+    # -- evaluation lengths ----------------------------------------------------------------
+    def lengths(self) -> dict:  # pragma: no cover - abstract
+        """The current value of every name in ``length_names``."""
+        raise NotImplementedError
+
+    def set_lengths(self, **values) -> None:  # pragma: no cover - abstract
+        """Set some of ``length_names`` (validated in the family's own terms)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def eval_lengths(self, **values) -> Iterator[None]:
+        """Set evaluation lengths for a block (None keeps a value); restored on exit, also on error."""
+        wanted = {k: v for k, v in values.items() if v is not None}
+        unknown = [k for k in wanted if k not in LENGTHS]
+        if unknown:
+            raise TypeError(f"eval_lengths: unknown setting(s) {unknown}; the settings are {list(LENGTHS)}")
+        lacking = [k for k in wanted if k not in self.length_names]
+        if lacking:
+            have = ", ".join(self.length_names) or "none"
+            raise ValueError(f"the {self.family} family has no {', '.join(lacking)} to set for evaluation "
+                             f"(its settings: {have})")
+        saved = self.lengths()
+        try:
+            self.set_lengths(**wanted)
+            yield
+        finally:
+            self.set_lengths(**saved)
+
+    def resolve_eval_lengths(self, tgt_len: int, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                             same_length: Optional[bool] = None) -> dict:  # pragma: no cover - abstract
+        """The lengths an evaluation of ``tgt_len``-token segments runs with, from the requested
+        values (None: the family's default for that segment length, see ``eval_mem_len``).
+        Returns ``{name: value}`` for every name in ``length_names`` (plus informational keys);
+        an impossible request raises ValueError naming the setting."""
+        raise NotImplementedError
+
+    def eval_mem_len(self, tgt_len: int) -> int:  # pragma: no cover - abstract
+        """The memory that keeps training's attention span when segments are ``tgt_len`` long."""
+        raise NotImplementedError
+
+    def window_lengths(self, context: int, clamp_len: Optional[int] = None) -> dict:  # pragma: no cover
+        """Lengths under which one forward of ``context`` tokens from empty memory sees exactly
+        those tokens (RECL's windows, the sliding-window baseline)."""
+        raise NotImplementedError
+
+    def generation_lengths(self, mem_len: int = 0, clamp_len: Optional[int] = None) -> tuple[int, dict]:
+        """``(segment, lengths)`` for feeding a prompt and sampling: the most tokens one forward
+        takes, and the lengths to run under (``mem_len`` 0: the family's own)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # -- export ----------------------------------------------------------------------------
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The weights inference needs (families with training-only parts leave them out)."""
+        return self.state_dict()
+
+    def load_inference_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load what ``inference_state_dict`` gave; a missing or unexpected key raises KeyError."""
+        result = self.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise KeyError(f"does not fit the {self.family} model built from its config: missing "
+                           f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+
+
+def span_keeping_mem_len(mem_len: int, tgt_len: int, eval_tgt_len: int) -> int:
+    """Memory that keeps the training attention span ``mem_len + tgt_len`` at segments of
+    ``eval_tgt_len`` (the Transformer-XL reference's rule; without memory nothing to extend):
+    enwik8 base, mem 512 / tgt 512 evaluated at 128 keeps 896."""
+    return max(mem_len + tgt_len - eval_tgt_len, 0) if mem_len > 0 else 0

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from models.modules.attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, additive_mask,
                         causal_mask, same_length_window)
-from models.base import LanguageModel, ModelOutput
+from models.base import LENGTHS, LanguageModel, ModelOutput, span_keeping_mem_len
 from models.config import ModelConfig
 from models.modules.dropout import Dropout
 from models.modules.layers import PositionwiseFF
@@ -88,6 +88,11 @@ def _check_config(cfg: ModelConfig) -> None:
 
 
 class TransformerXL(LanguageModel):
+    family = "transformer_xl"
+    length_names = LENGTHS
+    suffix_targets = True        # fewer targets than inputs score the last positions
+    caches_hidden = True         # memory holds every layer's input: no recomputation
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         _check_config(cfg)
@@ -180,6 +185,50 @@ class TransformerXL(LanguageModel):
         if min(tgt_len, ext_len, mem_len) < 0:
             raise ValueError(f"reset_length: lengths must be >= 0, got tgt_len={tgt_len} ext_len={ext_len} mem_len={mem_len}")
         self.tgt_len, self.ext_len, self.mem_len = tgt_len, ext_len, mem_len
+
+    def lengths(self) -> dict:
+        return {"tgt_len": self.tgt_len, "mem_len": self.mem_len, "clamp_len": self.clamp_len,
+                "same_length": self.same_length}
+
+    def set_lengths(self, tgt_len: Optional[int] = None, mem_len: Optional[int] = None,
+                    clamp_len: Optional[int] = None, same_length: Optional[bool] = None) -> None:
+        if tgt_len is not None or mem_len is not None:
+            self.reset_length(self.tgt_len if tgt_len is None else int(tgt_len), self.ext_len,
+                              self.mem_len if mem_len is None else int(mem_len))
+        if clamp_len is not None:
+            self.clamp_len = int(clamp_len)
+        if same_length is not None:
+            self.same_length = bool(same_length)
+
+    def eval_mem_len(self, tgt_len: int) -> int:
+        return span_keeping_mem_len(self.cfg.mem_len, self.cfg.tgt_len, tgt_len)
+
+    def resolve_eval_lengths(self, tgt_len: int, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                             same_length: Optional[bool] = None) -> dict:
+        if tgt_len < 1:
+            raise ValueError(f"tgt_len={tgt_len} must be >= 1")
+        mem = self.eval_mem_len(tgt_len) if mem_len is None else mem_len
+        if mem < 0:
+            raise ValueError(f"mem_len={mem} must be >= 0 (or -1 for the training attention span)")
+        same = self.cfg.same_length if same_length is None else same_length
+        # same_length equalises how much memory each query sees; without memory it has no meaning
+        # (the mask refuses it), so a mem_len=0 evaluation ("no memory") runs plain causal segments.
+        return {"tgt_len": tgt_len, "mem_len": mem, "clamp_len": self.cfg.clamp_len if clamp_len is None else clamp_len,
+                "same_length": bool(same) and mem > 0, "same_length_keys": self.same_length_keys}
+
+    def window_lengths(self, context: int, clamp_len: Optional[int] = None) -> dict:
+        # A window of exactly `context` tokens: no memory kept, nothing to equalise.
+        out = {"tgt_len": context, "mem_len": 0, "same_length": False}
+        if clamp_len is not None:
+            out["clamp_len"] = clamp_len
+        return out
+
+    def generation_lengths(self, mem_len: int = 0, clamp_len: Optional[int] = None) -> tuple[int, dict]:
+        # One token at a time after the prompt; same_length would cut the memory a token sees.
+        out = {"mem_len": mem_len or self.mem_len, "same_length": False}
+        if clamp_len is not None:
+            out["clamp_len"] = clamp_len
+        return self.tgt_len, out
 
     def init_memory(self, batch_size: int, device=None) -> TXLMemory:
         """Empty memory (length 0), the reference PyTorch convention."""

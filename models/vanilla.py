@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import LanguageModel, ModelOutput
+from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models.config import ModelConfig
 from models.modules.layers import PositionwiseFF, layer_norm, linear
 from models.memory import Memory
@@ -105,6 +105,11 @@ class Block(nn.Module):
 class VanillaTransformer(LanguageModel):
     """Al-Rfou T12/T64 family; see the module docstring for losses, memory and evaluation."""
 
+    family = "vanilla"
+    length_names = ("tgt_len", "mem_len")   # absolute positions: nothing to clamp or equalise
+    suffix_targets = False                   # every input position takes a target
+    caches_hidden = False                    # memory is tokens: every window is recomputed
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.cutoffs:
@@ -116,6 +121,7 @@ class VanillaTransformer(LanguageModel):
         self.cfg, self.vcfg = cfg, cfg.vanilla
         self.context = cfg.tgt_len  # L: the window every prediction sees at most
         self.mem_len = max(0, min(cfg.mem_len, self.context - 1))  # more than L - 1 tokens is never used
+        self.tgt_len = cfg.tgt_len  # the segment evaluation feeds per forward (at most L)
         self.progress = 0.0
 
         self.embed = nn.Embedding(cfg.n_token, cfg.d_model)
@@ -167,6 +173,48 @@ class VanillaTransformer(LanguageModel):
         if not self.vcfg.intermediate:
             return []
         return [l for l in range(1, self.cfg.n_layer) if self.progress < self.intermediate_stop_fraction(l)]
+
+    # ----- evaluation lengths -----------------------------------------------------------------
+    def lengths(self) -> dict:
+        return {"tgt_len": self.tgt_len, "mem_len": self.mem_len}
+
+    def set_lengths(self, tgt_len: Optional[int] = None, mem_len: Optional[int] = None) -> None:
+        if tgt_len is not None:
+            if not 1 <= tgt_len <= self.context:
+                raise ValueError(f"tgt_len={tgt_len} exceeds the model's window model.tgt_len={self.context}"
+                                 if tgt_len > self.context else f"tgt_len={tgt_len} must be >= 1")
+            self.tgt_len = int(tgt_len)
+        if mem_len is not None:
+            if mem_len < 0:
+                raise ValueError(f"mem_len={mem_len} must be >= 0")
+            self.mem_len = min(int(mem_len), self.context - 1)  # more than L - 1 tokens is never used
+
+    def eval_mem_len(self, tgt_len: int) -> int:
+        return min(span_keeping_mem_len(self.cfg.mem_len, self.cfg.tgt_len, tgt_len), self.context - 1)
+
+    def resolve_eval_lengths(self, tgt_len: int, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
+                             same_length: Optional[bool] = None) -> dict:
+        for name, value in (("clamp_len", clamp_len), ("same_length", same_length)):
+            if value is not None:
+                raise ValueError(f"{name}={value}: the vanilla family has absolute positions and fixed windows, "
+                                 f"no {name}; leave it unset")
+        if not 1 <= tgt_len <= self.context:
+            raise ValueError(f"tgt_len={tgt_len} exceeds the model's window model.tgt_len={self.context}"
+                             if tgt_len > self.context else f"tgt_len={tgt_len} must be >= 1")
+        mem = self.eval_mem_len(tgt_len) if mem_len is None else mem_len
+        if mem < 0:
+            raise ValueError(f"mem_len={mem} must be >= 0 (or -1 for the training attention span)")
+        return {"tgt_len": tgt_len, "mem_len": min(mem, self.context - 1)}
+
+    def window_lengths(self, context: int, clamp_len: Optional[int] = None) -> dict:
+        # clamp_len has no meaning with absolute positions: a group comparison may pass one for
+        # its Transformer-XL members, and it leaves this family's windows as they are.
+        return {"tgt_len": context, "mem_len": 0}
+
+    def generation_lengths(self, mem_len: int = 0, clamp_len: Optional[int] = None) -> tuple[int, dict]:
+        if clamp_len is not None:
+            raise ValueError(f"clamp_len={clamp_len}: the vanilla family has absolute positions; leave it unset")
+        return self.context, ({"mem_len": mem_len} if mem_len else {})
 
     # ----- memory ---------------------------------------------------------------------------
     def init_memory(self, batch_size: int, device=None) -> VanillaMemory:

@@ -125,16 +125,10 @@ def consolidate(checkpoint: Path) -> dict:
 
 
 def _load_state(model: torch.nn.Module, state: dict, where: str) -> None:
-    if hasattr(model, "load_inference_state_dict"):
-        try:
-            model.load_inference_state_dict(state)
-        except KeyError as exc:
-            raise ExportError(f"{where}: {exc}") from None
-        return
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(f"{where} does not fit the model built from its config: missing "
-                          f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+    try:
+        model.load_inference_state_dict(state)
+    except KeyError as exc:
+        raise ExportError(f"{where} {exc.args[0]}") from None
 
 
 # ----------------------------------------------------------------------------- writing
@@ -220,7 +214,7 @@ def save_export(model: torch.nn.Module, config: dict, tokenizer, out: str | Path
         raise ExportError(f"{out} exists; choose another export.output or set export.overwrite=true")
     if next(model.parameters()).dtype != DTYPES[dtype]:
         model = copy.deepcopy(model).to(DTYPES[dtype])     # the caller's model keeps its dtype
-    state = model.inference_state_dict() if hasattr(model, "inference_state_dict") else model.state_dict()
+    state = model.inference_state_dict()
     unique, tied = dedup_tied(state)
     unique = {k: v.detach().contiguous() for k, v in unique.items()}
     out.parent.mkdir(parents=True, exist_ok=True)

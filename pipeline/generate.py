@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.evaluation.scoring import eval_lengths
+from pipeline.evaluation.scoring import eval_lengths, unwrap
 
 log = logging.getLogger("pipeline.generate")
 
@@ -34,16 +34,9 @@ class CachedLM:
 
     def __init__(self, model, mem_len: int = 0, clamp_len: Optional[int] = None):
         self.model = model
-        m = getattr(model, "module", model)
+        m = unwrap(model)
         self.device = next(m.parameters()).device
-        self.lengths = {}
-        if hasattr(m, "reset_length"):               # Transformer-XL: one token at a time, no same_length
-            self.lengths = {"mem_len": mem_len or m.mem_len, "same_length": False}
-            if clamp_len is not None:
-                self.lengths["clamp_len"] = clamp_len
-            self.segment = m.tgt_len
-        else:                                        # Al-Rfou: windows of at most L tokens
-            self.segment = m.context
+        self.segment, self.lengths = m.generation_lengths(mem_len, clamp_len)
         self.memory = m.init_memory(1, device=self.device)
         self.position = 0                            # tokens fed so far
 

@@ -37,7 +37,7 @@ from pipeline.runtime import distributed
 from pipeline.config import Config, ConfigError, arg_parser, parse_args, to_dict, to_yaml
 from pipeline.runtime.engine import build_engine, engine_dtype, grad_norm, loss_scale
 from pipeline.runtime.resume import ResumePoint, find_resume, restore
-from pipeline.evaluation.scoring import score_split, summarize, train_eval_mem_len
+from pipeline.evaluation.scoring import score_split, summarize, unwrap
 from pipeline.data.shards import Manifest, ShardError, atomic_write_bytes, atomic_write_json
 from pipeline.data.streams import Batch, StreamError, open_streams
 from pipeline.runtime.tracking import Tracker
@@ -321,9 +321,8 @@ class Run:
 
 def validate(engine, cfg: Config, bpc: bool, memory_dtype: torch.dtype) -> dict:
     """The valid split with memory, at the eval tgt_len and the memory that keeps the span."""
-    t, m = cfg.train, cfg.model
-    # The span-keeping memory rule is Transformer-XL's; other families score with their own memory.
-    mem_len = train_eval_mem_len(m.mem_len, t.tgt_len, t.eval_tgt_len) if m.family == "transformer_xl" else None
+    t = cfg.train
+    mem_len = unwrap(engine).eval_mem_len(t.eval_tgt_len)   # the family's rule for keeping the span
     n = t.eval_n_streams or t.n_streams
     sums = score_split(engine, cfg.data.output, "valid", n_streams=n, tgt_len=t.eval_tgt_len, mem_len=mem_len,
                        max_steps=t.eval_max_steps, memory_dtype=memory_dtype)

@@ -9,7 +9,8 @@ import torch
 
 from models import build_model
 from models.config import ModelConfig
-from pipeline.evaluation.scoring import eval_lengths, score_split, summarize, train_eval_mem_len
+from models.base import span_keeping_mem_len
+from pipeline.evaluation.scoring import eval_lengths, score_split, summarize
 from pipeline.data.shards import Manifest, SplitInfo, write_shard
 
 N_TOKEN = 50
@@ -120,16 +121,16 @@ def test_eval_lengths_are_restored_even_on_error():
         with eval_lengths(model, mem_len=99):
             raise RuntimeError("boom")
     assert model.mem_len == 8
-    with pytest.raises(ValueError, match="has no clamp_len"):
+    with pytest.raises(TypeError, match="expected a models.LanguageModel"):
         with eval_lengths(torch.nn.Linear(2, 2), clamp_len=3):
             pass
 
 
 def test_train_time_eval_memory_keeps_the_attention_span():
     # The reference's rule (kimiyoung train.py): enwik8 base, tgt/mem 512, eval_tgt 128 -> memory 896.
-    assert train_eval_mem_len(512, 512, 128) == 896
-    assert train_eval_mem_len(150, 150, 150) == 150
-    assert train_eval_mem_len(0, 150, 64) == 0          # no memory: nothing to extend
+    assert span_keeping_mem_len(512, 512, 128) == 896
+    assert span_keeping_mem_len(150, 150, 150) == 150
+    assert span_keeping_mem_len(0, 150, 64) == 0          # no memory: nothing to extend
 
 
 def test_summarize():

@@ -173,17 +173,17 @@ def context_losses(model, tokens: np.ndarray | torch.Tensor, positions: Sequence
     Each window of exactly c tokens is one forward from empty memory (Transformer-XL: segment
     length c, no memory kept; the Al-Rfou model: c <= its window); only its last position is scored.
     """
-    from pipeline.evaluation.scoring import eval_lengths
+    from pipeline.evaluation.scoring import unwrap
 
-    module = getattr(model, "module", model)
+    module = unwrap(model)
     device = device or next(module.parameters()).device
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     pos = torch.as_tensor(np.asarray(positions), dtype=torch.long)
     if len(pos) and (int(pos.min()) < max(contexts) or int(pos.max()) >= len(tokens)):
         raise ReclError(f"positions must lie in [max(contexts)={max(contexts)}, {len(tokens)})")
-    # Transformer-XL scores the last positions only when given fewer targets (no wasted softmax);
-    # other families take one target per input position.
-    last_only = hasattr(module, "reset_length")
+    # Families with suffix targets score only the last position (no wasted softmax); the others
+    # take one target per input position.
+    last_only = module.suffix_targets
     was_training = module.training
     module.eval()
     out: dict[int, np.ndarray] = {}
@@ -191,13 +191,8 @@ def context_losses(model, tokens: np.ndarray | torch.Tensor, positions: Sequence
         for c in contexts:
             if c < 1:
                 raise ReclError(f"context length {c} must be >= 1")
-            lengths = {"tgt_len": c, "mem_len": 0} if hasattr(module, "reset_length") else {}
-            if hasattr(module, "same_length"):
-                lengths["same_length"] = False      # a window of exactly c tokens: nothing to equalise
-            if clamp_len is not None and hasattr(module, "clamp_len"):
-                lengths["clamp_len"] = clamp_len
             nll = torch.empty(len(pos), dtype=torch.float64)
-            with eval_lengths(model, **lengths):
+            with module.eval_lengths(**module.window_lengths(c, clamp_len)):
                 offs = torch.arange(-c, 0)
                 for i in range(0, len(pos), batch_size):
                     t = pos[i: i + batch_size]

@@ -8,57 +8,34 @@ stream of the split in order, carrying each stream's memory from segment to segm
 gathers the partitioned weights; every rank then runs the same number of forwards).
 
 Evaluation lengths differ from training (Dai et al. §3.2: longer memory, clamp_len and
-same_length at test time); :func:`eval_lengths` sets them and restores the training values
+same_length at test time); the family's ``eval_lengths`` sets them and restores the training values
 afterwards, also when scoring fails. With ``warm_tokens`` every stream is first run over the
 tokens that precede it (NVIDIA's warm start), so every scored token has full memory.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
+from models import LanguageModel
 from pipeline.runtime import distributed
 from pipeline.data.streams import open_streams
 
 
-def _module(model) -> torch.nn.Module:
-    return getattr(model, "module", model)   # a DeepSpeed engine wraps the model
+def unwrap(model) -> LanguageModel:
+    """The family behind a DeepSpeed engine (its ``module``), or the model itself."""
+    module = model if isinstance(model, LanguageModel) else getattr(model, "module", model)
+    if not isinstance(module, LanguageModel):
+        raise TypeError(f"expected a models.LanguageModel or a DeepSpeed engine around one, got {type(module).__name__}")
+    return module
 
 
-def train_eval_mem_len(mem_len: int, tgt_len: int, eval_tgt_len: int) -> int:
-    """Memory for train-time validation that keeps the attention span ``mem_len + tgt_len``
-    (the reference's rule; without memory there is nothing to extend)."""
-    return max(mem_len + tgt_len - eval_tgt_len, 0) if mem_len > 0 else 0
-
-
-@contextlib.contextmanager
-def eval_lengths(model, tgt_len: Optional[int] = None, mem_len: Optional[int] = None,
-                 clamp_len: Optional[int] = None, same_length: Optional[bool] = None) -> Iterator[None]:
-    """Temporarily set the model's evaluation lengths (None keeps a value); restored on exit."""
-    m = _module(model)
-    wanted = {"tgt_len": tgt_len, "mem_len": mem_len, "clamp_len": clamp_len, "same_length": same_length}
-    wanted = {k: v for k, v in wanted.items() if v is not None}
-    lacking = [k for k in wanted if not hasattr(m, k)]
-    if lacking:
-        raise ValueError(f"{type(m).__name__} has no {', '.join(lacking)} to set for evaluation")
-    saved = {k: getattr(m, k) for k in ("tgt_len", "ext_len", "mem_len", "clamp_len", "same_length")
-             if hasattr(m, k)}
-    try:
-        if hasattr(m, "reset_length") and ("tgt_len" in wanted or "mem_len" in wanted):
-            m.reset_length(wanted.get("tgt_len", saved["tgt_len"]), saved.get("ext_len", 0),
-                           wanted.get("mem_len", saved["mem_len"]))
-        for k, v in wanted.items():
-            setattr(m, k, v)
-        yield
-    finally:
-        if hasattr(m, "reset_length") and "tgt_len" in saved:
-            m.reset_length(saved["tgt_len"], saved.get("ext_len", 0), saved["mem_len"])
-        for k, v in saved.items():
-            setattr(m, k, v)
+def eval_lengths(model, **lengths):
+    """``model.eval_lengths(...)`` of a model or of the family inside a DeepSpeed engine."""
+    return unwrap(model).eval_lengths(**lengths)
 
 
 @torch.no_grad()
@@ -76,7 +53,7 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
     """
     rank = distributed.get_rank() if rank is None else rank
     world_size = distributed.get_world_size() if world_size is None else world_size
-    module = _module(model)
+    module = unwrap(model)
     param = next(module.parameters())
     device = param.device if device is None else device
     was_training = module.training
@@ -86,9 +63,7 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     try:
-        # The segment length is the streams'; models with a length setting (Transformer-XL) get it too.
-        seg = tgt_len if hasattr(module, "reset_length") else None
-        with eval_lengths(model, tgt_len=seg, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length):
+        with module.eval_lengths(tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length):
             memory = module.init_memory(len(streams.ids), device=device)
             if memory_dtype is not None:
                 memory = memory.to(dtype=memory_dtype)

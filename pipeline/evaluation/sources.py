@@ -15,7 +15,7 @@ import torch
 from pipeline.runtime import distributed
 from pipeline.config import EvalConfig
 from pipeline.export import is_export, load_checkpoint_model, load_export, resolve_checkpoint, run_dir_of
-from pipeline.evaluation.scoring import score_split, train_eval_mem_len
+from pipeline.evaluation.scoring import score_split
 from pipeline.data.shards import Manifest, atomic_write_bytes
 from pipeline.data.streams import StreamLayout
 
@@ -77,23 +77,16 @@ def load_source(path: str | Path, manifest: Manifest, shard_dir: str, device: to
 
 
 def resolve_settings(e: EvalConfig, model, mem_len: Optional[int] = None) -> dict:
-    """The lengths this evaluation runs with (see EvalConfig); only those the model family has."""
+    """The lengths this evaluation runs with (see EvalConfig), in the model family's own terms."""
     cfg = model.cfg
     tgt = e.tgt_len or cfg.tgt_len
-    if mem_len is None:
-        mem_len = e.mem_len if e.mem_len >= 0 else train_eval_mem_len(cfg.mem_len, cfg.tgt_len, tgt)
-    out = {"split": e.split, "tgt_len": tgt, "mem_len": mem_len, "n_streams": e.n_streams,
-           "max_steps": e.max_steps, "family": cfg.family}
-    if hasattr(model, "reset_length"):                     # Transformer-XL
-        out["clamp_len"] = cfg.clamp_len if e.clamp_len is None else e.clamp_len
-        # same_length equalises how much memory each query sees; without memory it has no meaning
-        # (the model refuses it), so a mem_len=0 evaluation ("no memory") runs plain causal segments.
-        out["same_length"] = (cfg.same_length if e.same_length is None else e.same_length) and mem_len > 0
-        out["same_length_keys"] = cfg.same_length_keys
-    else:                                                  # Al-Rfou: a window of L tokens
-        if tgt > model.context:
-            raise EvalError(f"eval.tgt_len={tgt} exceeds the model's window model.tgt_len={model.context}")
-        out["mem_len"] = min(mem_len, model.context - 1)
+    if mem_len is None and e.mem_len >= 0:
+        mem_len = e.mem_len
+    try:
+        lengths = model.resolve_eval_lengths(tgt, mem_len, e.clamp_len, e.same_length)
+    except ValueError as exc:
+        raise EvalError(f"eval.{exc}") from None     # the family names the setting first
+    out = {"split": e.split, "n_streams": e.n_streams, "max_steps": e.max_steps, "family": cfg.family, **lengths}
     warm = out["mem_len"] if e.warm_tokens < 0 else e.warm_tokens
     out["warm_tokens"] = warm
     out["start"] = "warm" if warm > 0 else "cold"

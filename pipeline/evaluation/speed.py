@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pipeline.evaluation.scoring import eval_lengths
+from pipeline.evaluation.scoring import eval_lengths, unwrap
 
 
 def _sync(device: torch.device) -> None:
@@ -57,7 +57,7 @@ def _sliding_seconds(model, gen: torch.Generator, attn_len: int, batch: int, win
     """Seconds for ``windows`` full windows (one prediction each), in forwards of ``batch``."""
     steps = max(1, math.ceil(windows / batch))
     ids = torch.randint(0, n_token, (steps + 1, batch, attn_len + 1), generator=gen).to(device)
-    with eval_lengths(model, tgt_len=attn_len, mem_len=0, same_length=False):
+    with eval_lengths(model, **unwrap(model).window_lengths(attn_len)):
         model(ids[0, :, :-1], ids[0, :, -1:])      # warm-up, untimed
         _sync(device)
         tic = time.perf_counter()
@@ -73,10 +73,10 @@ def measure(model, attn_lens: Sequence[int], tgt_len: int, batch_size: int = 1, 
             sliding_windows: int = 16, repeats: int = 3, seed: int = 0,
             device: Optional[torch.device] = None) -> dict:
     """Per-token seconds of both procedures and their ratio at every attention length."""
-    module = getattr(model, "module", model)
-    if not hasattr(module, "reset_length"):
-        raise ValueError(f"eval speed compares procedures on one Transformer-XL; {type(module).__name__} "
-                         f"has no cached hidden-state memory")
+    module = unwrap(model)
+    if not module.caches_hidden:
+        raise ValueError(f"eval speed compares cached hidden-state memory with sliding windows; the "
+                         f"{module.family} family's memory holds no hidden states (caches_hidden=False)")
     device = device or next(module.parameters()).device
     n_token = module.n_token
     was_training = module.training
