@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
-from pipeline.data.shards import Manifest, SplitTokens, atomic_write_bytes  # noqa: E402
+from pipeline.data.shards import Manifest, SplitTokens  # noqa: E402
+from pipeline.common import atomic_write_bytes
 
 CACHE = REPO / ".cache" / "bench_prepare"
 RESULTS = REPO / "benchmarks" / "results" / "prepare.json"

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 from typing import ClassVar, Iterator, Optional
 
-import torch
 from torch import Tensor, nn
 
 from models.memory import Memory

@@ -14,7 +14,7 @@ STAGES = {
     "import-reference": "pipeline.import_reference",
 }
 # stages that may have run a gloo/NCCL process group: leave as `python -m` does for them,
-# without interpreter teardown (see pipeline.train.exit_now)
+# without interpreter teardown (see pipeline.runtime.stage.exit_now)
 DISTRIBUTED = ("train", "evaluate")
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[argv[0]])
     code = module.main(argv[1:]) or 0
     if argv[0] in DISTRIBUTED:
-        from pipeline.train import exit_now
+        from pipeline.runtime.stage import exit_now
 
         exit_now(code)
     return code

@@ -15,6 +15,7 @@ from typing import Any, List, Literal, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.common import XlpipeError
 from models.config import ModelConfig
 
 
@@ -194,7 +195,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(XlpipeError, ValueError):
     """A config file or override that does not fit the schema."""
 
 

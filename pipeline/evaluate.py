@@ -43,12 +43,14 @@ import numpy as np
 import torch
 
 from pipeline.runtime import distributed
-from pipeline.config import Config, ConfigError, EvalConfig, arg_parser, parse_args
+from pipeline.config import Config, EvalConfig, arg_parser, parse_args
 from pipeline.evaluation.sources import (EvalError, Source, headline, load_source, main_metric, metrics, resolve_settings,
                           score, write_dump)
-from pipeline.export import DTYPES, ExportError, is_export, resolve_checkpoint, run_dir_of
-from pipeline.data.shards import Manifest, ShardError, SplitTokens, atomic_write_json
-from pipeline.data.streams import StreamError
+from pipeline.runtime.exports import is_export, resolve_checkpoint, run_dir_of
+from pipeline.common import DTYPES, git_commit
+from pipeline.data.shards import Manifest, SplitTokens
+from pipeline.common import atomic_write_json
+from pipeline.runtime.stage import exit_now, run_stage
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -130,10 +132,9 @@ def evaluate(cfg: Config) -> dict:
     source = None
     if e.perplexity or e.speed.attn_lens:
         source = load_source(e.source or cfg.train.output, manifest, cfg.data.output, device, dtype)
-    from pipeline.runtime.tracking import _git
 
     report: dict = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "command": " ".join(sys.argv), "git_commit": _git("rev-parse", "HEAD"),
+                    "command": " ".join(sys.argv), "git_commit": git_commit(),
                     "world_size": distributed.get_world_size(), "device": str(device), "dtype": e.dtype,
                     "manifest": {"sha256": manifest.sha256(), "corpus": manifest.corpus, "tokenizer": kind},
                     "results": []}
@@ -325,29 +326,14 @@ def _short_name(path: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = arg_parser("evaluate", "perplexity / bpc, eval speed and RECL of a checkpoint or export (stage 3)")
     cfg, _ = parse_args(parser, argv)
-    rank = distributed.resolve_env().rank
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                            format=f"%(asctime)s evaluate[{rank}]: %(message)s", datefmt="%H:%M:%S")
-    from pipeline.runtime.checkpoint import CheckpointError
-    from pipeline.data.tokenizers import TokenizerError
 
-    code = 0
-    try:
+    def body() -> None:
         report = evaluate(cfg)
-        if rank == 0:
+        if distributed.get_rank() == 0:
             print(report["path"])
-    except (EvalError, ExportError, CheckpointError, ConfigError, ShardError, StreamError, TokenizerError) as exc:
-        log.error("%s", exc)
-        code = 1
-    if distributed.is_initialized():
-        from pipeline.train import release_process_group
 
-        release_process_group(clean=code == 0)
-    return code
+    return run_stage("evaluate", body)
 
 
 if __name__ == "__main__":
-    from pipeline.train import exit_now
-
-    exit_now(main())   # skip interpreter teardown after gloo (see pipeline.train.exit_now)
+    exit_now(main())   # skip interpreter teardown after gloo (see pipeline.runtime.stage)

@@ -25,6 +25,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.evaluation.scoring import eval_lengths, unwrap
+from pipeline.runtime.stage import run_stage
 
 log = logging.getLogger("pipeline.generate")
 
@@ -104,7 +105,7 @@ def _memory_len(memory) -> int:
 
 def run(cfg) -> dict:
     """Load the export named by ``cfg.generate``, sample, and return text, ids and timings."""
-    from pipeline.export import load_export
+    from pipeline.runtime.exports import load_export
 
     g = cfg.generate
     if not g.export:
@@ -136,25 +137,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             help=f"generate.{name}")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. generate.top_k=40")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="generate: %(message)s")
-    from pipeline.export import ExportError
+    # A model's ValueError (a prompt longer than allowed, a setting it lacks) and an unreadable
+    # prompt file are the user's to fix: one line, like the project's own errors.
+    return run_stage("generate", lambda: _generate(args), reported=(ValueError, OSError))
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        for k in _FLAGS:                 # flags win; set directly, so any prompt text passes unparsed
-            if getattr(args, k) is not None:
-                setattr(cfg.generate, k, getattr(args, k))
-        res = run(cfg)
-    except (ConfigError, ExportError, ValueError, OSError) as exc:
-        log.error("%s", exc)
-        return 1
+
+def _generate(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    for k in _FLAGS:                 # flags win; set directly, so any prompt text passes unparsed
+        if getattr(args, k) is not None:
+            setattr(cfg.generate, k, getattr(args, k))
+    res = run(cfg)
     steps = res["step_seconds"]
     if steps:
         k = max(1, len(steps) // 10)
         log.info("%d tokens; ms per token: first %d %.2f, last %d %.2f; memory %d positions",
                  len(res["ids"]), k, 1e3 * sum(steps[:k]) / k, k, 1e3 * sum(steps[-k:]) / k, res["memory_len"])
     sys.stdout.write(res["text"] + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,11 +31,14 @@ import torch
 from models import ModelConfig
 from models.reference import ReferenceWeightsError, config_from_hf, load_reference
 
-from pipeline.config import ConfigError, load_config, to_dict
-from pipeline.export import ExportError, save_export
-from pipeline.data.shards import Manifest, ShardError, sha256_file
-from pipeline.data.tokenizers import TokenizerError, load_tokenizer
+from pipeline.config import load_config, to_dict
+from pipeline.runtime.exports import save_export
+from pipeline.data.shards import Manifest
+from pipeline.common import sha256_file
+from pipeline.data.tokenizers import load_tokenizer
 from pipeline.data.tokenizers.word_vocab import read_vocab_file
+from pipeline.common import XlpipeError
+from pipeline.runtime.stage import run_stage
 
 log = logging.getLogger("pipeline.import_reference")
 
@@ -43,7 +46,7 @@ log = logging.getLogger("pipeline.import_reference")
 FROM_YAML = ("tgt_len", "ext_len", "same_length_keys")
 
 
-class ReferenceImportError(RuntimeError):
+class ReferenceImportError(XlpipeError, RuntimeError):
     """A weights file, config or vocabulary that cannot make a faithful export."""
 
 
@@ -140,18 +143,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="import-reference: %(message)s")
-    try:
+
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         out = import_reference(cfg, args.weights, args.output, args.hf_config, args.naming, args.vocab,
                                args.dtype, args.overwrite)
-    except (ReferenceImportError, ConfigError, ExportError, ShardError, TokenizerError) as exc:
-        log.error("%s", exc)
-        return 1
-    log.info("imported %s into %s", args.weights, out)
-    print(out)
-    return 0
+        log.info("imported %s into %s", args.weights, out)
+        print(out)
+
+    return run_stage("import_reference", body)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ from pipeline.data.prepare.units import (PrepareError, cpu_count, encode_task, m
                                     sidecar_path)
 from pipeline.data.shards import (MANIFEST, Manifest, ShardError, ShardInfo, SplitInfo, shard_name, token_dtype,
                              verify_shard)
-from pipeline.data.tokenizers import Tokenizer, TokenizerError
+from pipeline.data.tokenizers import Tokenizer
+from pipeline.runtime.stage import run_stage
 
 log = logging.getLogger("xlpipe.prepare")
 STAGES = ("auto", "all", "tokenizer", "shards", "merge")
@@ -268,19 +269,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: when stderr is a terminal)")
     cfg, args = parse_args(parser, argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="prepare: %(message)s")
     env_task, env_count = _array_task()
     task_id = env_task if args.task_id is None else args.task_id
     num_tasks = env_count if args.num_tasks is None else args.num_tasks
     stage = "merge" if args.merge else args.stage
-    try:
-        prepare(cfg, workers=args.workers, task_id=task_id, num_tasks=num_tasks, force=args.force,
-                stage=stage, progress=args.progress, tokenizer_wait=args.tokenizer_wait)
-    except (CorpusError, TokenizerError, ShardError, PrepareError) as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+    return run_stage("prepare", lambda: prepare(cfg, workers=args.workers, task_id=task_id, num_tasks=num_tasks,
+                                                force=args.force, stage=stage, progress=args.progress,
+                                                tokenizer_wait=args.tokenizer_wait) and 0)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import logging
 import math
-import os
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -38,15 +35,17 @@ from pipeline.config import Config, ConfigError, arg_parser, parse_args, to_dict
 from pipeline.runtime.engine import build_engine, engine_dtype, grad_norm, loss_scale
 from pipeline.runtime.resume import ResumePoint, find_resume, restore
 from pipeline.evaluation.scoring import score_split, summarize, unwrap
-from pipeline.data.shards import Manifest, ShardError, atomic_write_bytes, atomic_write_json
-from pipeline.data.streams import Batch, StreamError, open_streams
+from pipeline.data.shards import Manifest
+from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json
+from pipeline.data.streams import Batch, open_streams
+from pipeline.runtime.stage import exit_now, run_stage
 from pipeline.runtime.tracking import Tracker
 
 log = logging.getLogger("pipeline.train")
 BPC_TOKENIZERS = ("char", "byte")
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(XlpipeError, RuntimeError):
     """A NaN/inf training loss (outside fp16, whose loss scaler handles overflow)."""
 
 
@@ -351,40 +350,8 @@ def _non_finite(step: int, rank: int, bad: list) -> NonFiniteLoss:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = arg_parser("train", "train a memory language model with DeepSpeed (stage 2)")
     cfg, _ = parse_args(parser, argv)
-    code = 0
-    try:
-        train(cfg)
-    except (ConfigError, ckpt.CheckpointError, NonFiniteLoss, StreamError, ShardError) as exc:
-        logging.getLogger("pipeline.train").error("%s", exc)
-        code = 1
-    release_process_group(clean=code == 0)
-    return code       # 0 also after a preemption: the job saved (and requeued itself under SLURM)
-
-
-def release_process_group(clean: bool = True) -> None:
-    """Leave the process group while the interpreter is fully alive.
-
-    DeepSpeed's engine keeps the gloo groups alive through reference cycles; left to interpreter
-    shutdown, gloo's worker threads free tensors after Python is gone and the process aborts
-    ("terminate called without an active exception", exit -6; seen intermittently on CPU).
-    Collecting the cycles first and then destroying the groups avoids that. ``clean=False``
-    (an error, perhaps on this rank only) skips the barrier that could wait for a dead peer.
-    """
-    gc.collect()
-    if clean:
-        distributed.shutdown()
-    elif distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    gc.collect()
-
-
-def exit_now(code: int) -> None:
-    """Exit without interpreter teardown once everything is flushed: a last line of defence
-    against the gloo teardown abort above turning a finished job into a failed one."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # 0 also after a preemption: the job saved (and requeued itself under SLURM).
+    return run_stage("train", lambda: train(cfg) and 0)
 
 
 if __name__ == "__main__":

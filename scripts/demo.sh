@@ -39,7 +39,7 @@ stage "summary"
 import json, sys
 from pathlib import Path
 from pipeline.config import load_config
-from pipeline.export import resolve_checkpoint
+from pipeline.runtime.exports import resolve_checkpoint
 from pipeline.runtime.tracking import tracking_uri
 
 config, export_dir, seconds, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]

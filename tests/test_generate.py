@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import ModelConfig, build_model
 from pipeline.config import load_config, to_dict
-from pipeline.export import load_export, save_export
+from pipeline.export import load_export
+from pipeline.runtime.exports import save_export
 from pipeline.generate import CachedLM, generate, main, run, sample
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer

@@ -226,7 +226,6 @@ def test_fixtures_regenerate_identically_in_the_reference_env(tmp_path):
     """The committed fixtures are what transformers 4.35.2 computes today: the same weights byte
     for byte, the same NLLs up to float reduction order (thread count)."""
     import subprocess
-    import sys
 
     script = Path(__file__).resolve().parents[1] / "tools" / "make_reference_fixture.py"
     subprocess.run([str(REF_PYTHON), str(script), "--out", str(tmp_path)], check=True, capture_output=True,

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.runtime import distributed  # noqa: E402
 from pipeline.config import arg_parser, parse_args  # noqa: E402
-from pipeline.train import Hooks, exit_now, release_process_group, train  # noqa: E402
+from pipeline.train import Hooks, train  # noqa: E402
+from pipeline.runtime.stage import exit_now, release_process_group
 
 
 def main(argv: list[str]) -> int:

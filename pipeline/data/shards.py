@@ -19,20 +19,21 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
+
+from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "xlpipe-shards"
 VERSION = 1
 
 
-class ShardError(RuntimeError):
+class ShardError(XlpipeError, RuntimeError):
     """A shard or manifest that is missing, truncated, corrupt or does not match the manifest."""
 
 
@@ -42,47 +43,6 @@ def token_dtype(vocab_size: int) -> str:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}/shard-{index:06d}.tar"
-
-
-def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(bufsize):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written temp file behind
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-def read_versioned_json(path: str | Path, fmt: str, version: int, error: type[Exception]) -> dict:
-    """A JSON file of ours, stamped {"format": fmt, "version": version}: anything unreadable or of
-    another format/version raises `error` naming the file, so old or foreign files never half-load."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"cannot read {path}: {exc}") from None
-    got = raw if isinstance(raw, dict) else {}
-    if got.get("format") != fmt or got.get("version") != version:
-        raise error(f"{path}: format {got.get('format')!r} version {got.get('version')!r}; "
-                    f"this code reads {fmt!r} version {version}")
-    return raw
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -48,6 +48,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from pipeline.common import XlpipeError
 from pipeline.data.shards import Manifest, SplitTokens
 
 STATE_VERSION = 1
@@ -58,7 +59,7 @@ _ROLL, _CHUNK_ORDER, _SENTENCES = 0, 1, 2
 _IDENTITY = ("split", "mode", "n_streams", "tgt_len", "split_tokens", "seed", "roll", "warm_tokens")
 
 
-class StreamError(ValueError):
+class StreamError(XlpipeError, ValueError):
     """Bad stream arguments, or a state that cannot be resumed here."""
 
 

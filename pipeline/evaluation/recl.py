@@ -28,10 +28,12 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from pipeline.common import XlpipeError
+
 Losses = Mapping[str, Mapping[int, np.ndarray]]   # losses[model][context_len] -> per-position NLL
 
 
-class ReclError(ValueError):
+class ReclError(XlpipeError, ValueError):
     """Loss arrays that do not describe one group at shared positions and contexts."""
 
 

@@ -12,17 +12,20 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from pipeline.common import XlpipeError
 from pipeline.runtime import distributed
 from pipeline.config import EvalConfig
-from pipeline.export import is_export, load_checkpoint_model, load_export, resolve_checkpoint, run_dir_of
+from pipeline.runtime.exports import load_export
+from pipeline.runtime.exports import is_export, load_checkpoint_model, resolve_checkpoint, run_dir_of
 from pipeline.evaluation.scoring import score_split
-from pipeline.data.shards import Manifest, atomic_write_bytes
+from pipeline.data.shards import Manifest
+from pipeline.common import atomic_write_bytes
 from pipeline.data.streams import StreamLayout
 
 BPC_KINDS = ("char", "byte")
 
 
-class EvalError(RuntimeError):
+class EvalError(XlpipeError, RuntimeError):
     """An evaluation that cannot run as configured."""
 
 

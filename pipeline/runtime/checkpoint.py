@@ -30,8 +30,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from pipeline.common import XlpipeError
 from pipeline.runtime import distributed
-from pipeline.data.shards import Manifest, atomic_write_bytes, atomic_write_json, read_versioned_json
+from pipeline.data.shards import Manifest
+from pipeline.common import atomic_write_bytes, atomic_write_json, read_versioned_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ UNIVERSAL = "universal"       # ds_to_universal output inside a tag directory
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(XlpipeError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit this run."""
 
 

@@ -19,7 +19,6 @@ from pipeline.runtime.optim import Schedule, build_optimizer, build_schedule
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def precision_support() -> dict[str, bool]:

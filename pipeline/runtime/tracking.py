@@ -34,18 +34,18 @@ import os
 import platform
 import re
 import socket
-import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from pipeline.common import XlpipeError
+from pipeline.common import git, git_commit
 from pipeline.runtime import distributed
 from pipeline.config import TrackingConfig, flatten
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_PARAMS_PER_BATCH = 100     # MLflow's LogBatch limits (mlflow.utils.validation)
 MAX_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -74,14 +74,6 @@ def _quiet_store_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*noload.* loader strategy is deprecated")
 
 
-def _git(*args: str) -> Optional[str]:
-    try:
-        r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
 def _version(dist_name: str) -> str:
     try:
         return importlib.metadata.version(dist_name)
@@ -102,10 +94,10 @@ def environment_tags(world_size: Optional[int] = None) -> dict[str, str]:
         "mlflow_version": _version("mlflow"),
         "slurm_restart_count": str(distributed.restart_count()),
     }
-    commit = _git("rev-parse", "HEAD")
+    commit = git_commit()
     if commit:  # sbatch may run from a copy of the tree, so record it explicitly
         tags["git_commit"] = commit
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+        tags["git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no")))
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME",
                 "SLURM_JOB_NODELIST", "SLURM_CLUSTER_NAME"):
         if os.environ.get(key):
@@ -117,7 +109,7 @@ def _str_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-class TrackingError(RuntimeError):
+class TrackingError(XlpipeError, RuntimeError):
     """MLflow could not start or resume the run (raised on every rank)."""
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from pipeline.data.shards import atomic_write_bytes
+from pipeline.common import atomic_write_bytes
 
 from pipeline.data.corpora.base import (README, REFERENCE_BYTES, REFERENCE_HELDOUT, SPLITS, Corpus, CorpusError, Piece,
                                   TokenizerDefaults, Unit, decode, file_piece, missing_error, read_range)

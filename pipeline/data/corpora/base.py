@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from pipeline.common import XlpipeError
+
 if TYPE_CHECKING:  # the config module imports torch (via models); the text8 CLI does not need it
     from pipeline.config import DataConfig
 
@@ -20,7 +22,7 @@ _SEEK_BLOCK = 1 << 16
 GLOB_MAGIC = re.compile(r"[*?[]")
 
 
-class CorpusError(ValueError):
+class CorpusError(XlpipeError, ValueError):
     """Missing or malformed corpus input: names the file (and byte offset) and the fix."""
 
 

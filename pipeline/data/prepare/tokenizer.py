@@ -15,7 +15,8 @@ from typing import Optional
 from pipeline.config import TokenizerConfig
 from pipeline.data.corpora import SPLITS, Corpus, Unit
 from pipeline.data.prepare.units import PrepareError, count_task, cpu_count, map_ordered, progress_bar, sha_json, unit_text
-from pipeline.data.shards import MANIFEST, atomic_write_json, sha256_file
+from pipeline.data.shards import MANIFEST
+from pipeline.common import atomic_write_json, sha256_file
 from pipeline.data.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenizer, Tokenizer, read_tokenizer,
                                  save_tokenizer, train_sentencepiece)
 from pipeline.data.tokenizers.word_vocab import CountMerger, WordVocab, read_vocab_file, vocab_from_counts

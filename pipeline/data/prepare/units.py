@@ -18,13 +18,15 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.common import XlpipeError
 from pipeline.data.corpora import Corpus, CorpusError, Unit
-from pipeline.data.shards import atomic_write_json, shard_name, write_shard
+from pipeline.data.shards import shard_name, write_shard
+from pipeline.common import atomic_write_json
 from pipeline.data.tokenizers import ByteTokenizer, Tokenizer, UnknownSymbolError
 from pipeline.data.tokenizers.word_vocab import count_chars, count_words
 
 
-class PrepareError(RuntimeError):
+class PrepareError(XlpipeError, RuntimeError):
     """A prepare step that cannot go on: says which step to run or what to fix."""
 
 def sha_json(obj) -> str:

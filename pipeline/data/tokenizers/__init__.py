@@ -19,7 +19,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.data.shards import MANIFEST, Manifest, atomic_write_bytes, sha256_file
+from pipeline.data.shards import MANIFEST, Manifest
+from pipeline.common import atomic_write_bytes, sha256_file
 from pipeline.data.tokenizers.base import SPM_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, UnknownSymbolError
 from pipeline.data.tokenizers.word_vocab import WordVocab
 

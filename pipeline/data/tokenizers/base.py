@@ -6,11 +6,13 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from pipeline.common import XlpipeError
+
 TOKENIZER_FILE = "tokenizer.json"
 SPM_FILE = "tokenizer.model"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(XlpipeError, ValueError):
     """A tokenizer that cannot be built, loaded or verified, or text it cannot encode."""
 
 
