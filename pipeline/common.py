@@ -2,12 +2,13 @@
 versioned JSON, the git commit and the precision names."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import torch
 
@@ -60,6 +61,23 @@ def read_versioned_json(path: str | Path, fmt: str, version: int, error: type[Ex
         raise error(f"{path}: format {got.get('format')!r} version {got.get('version')!r}; "
                     f"this code reads {fmt!r} version {version}")
     return raw
+
+
+T = TypeVar("T")
+
+
+def dataclass_from_json(cls: type[T], raw: dict, path: str | Path, error: type[Exception]) -> T:
+    """A metadata dataclass from a ``read_versioned_json`` dict: every field without a default
+    present, no unknown key (a hand-edited or foreign file is refused naming the keys)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    body = {k: v for k, v in raw.items() if k not in ("format", "version")}
+    unknown = sorted(set(body) - set(fields))
+    missing = sorted(n for n, f in fields.items() if n not in body
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if unknown or missing:
+        raise error(f"{path}: missing keys {missing}, unknown keys {unknown}; it was not written by this "
+                    f"version of xlpipe, or was edited")
+    return cls(**body)
 
 
 def git(*args: str) -> Optional[str]:

@@ -52,22 +52,22 @@ def export(cfg: Config) -> Path:
     path = resolve_checkpoint(e.source or cfg.train.output)
     meta = ckpt.load_meta(path)
     manifest = Manifest.load(cfg.data.output)
-    ckpt.check_manifest(meta, manifest, cfg.data.output, path)
+    ckpt.check_manifest(meta.manifest, manifest, cfg.data.output, path)
     tokenizer = load_tokenizer(cfg.data.output, manifest)
     out = Path(e.output) if e.output else run_dir_of(path) / "export" / path.name
     if out.exists() and not e.overwrite:
         raise ExportError(f"{out} exists; choose another export.output or set export.overwrite=true")
 
     t0 = time.perf_counter()
-    model = build_model(model_config(meta["config"]))
+    model = build_model(model_config(meta.config))
     load_weights(model, consolidate(path), f"checkpoint {path}")
-    info = {"step": meta["step"], "tag": meta["tag"], "source": str(path.resolve()),
-            "mlflow_run_id": meta.get("mlflow_run_id"), "manifest_sha256": meta["manifest"]["sha256"],
-            "corpus": meta["manifest"].get("corpus"), "zero_stage": meta.get("zero_stage"),
-            "precision": meta.get("precision"), "tokens_seen": meta.get("tokens_seen"),
-            "metrics": _eval_metrics(run_dir_of(path), meta["step"])}
-    info = save_export(model, meta["config"], tokenizer, out, info, e.dtype, overwrite=e.overwrite)
-    log.info("exported %s (step %d, %s parameters, %s) to %s in %.1fs", path, meta["step"], f"{info['n_params']:,}",
+    info = {"step": meta.step, "tag": meta.tag, "source": str(path.resolve()),
+            "mlflow_run_id": meta.mlflow_run_id, "manifest_sha256": meta.manifest_sha256,
+            "corpus": meta.manifest.get("corpus"), "zero_stage": meta.zero_stage,
+            "precision": meta.precision, "tokens_seen": meta.tokens_seen,
+            "metrics": _eval_metrics(run_dir_of(path), meta.step)}
+    info = save_export(model, meta.config, tokenizer, out, info, e.dtype, overwrite=e.overwrite)
+    log.info("exported %s (step %d, %s parameters, %s) to %s in %.1fs", path, meta.step, f"{info.n_params:,}",
              e.dtype, out, time.perf_counter() - t0)
     return out
 

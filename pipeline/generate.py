@@ -120,7 +120,7 @@ def run(cfg) -> dict:
     res["prompt_ids"] = prompt_ids
     res["text"] = tokenizer.decode(prompt_ids + res["ids"])
     res["continuation"] = tokenizer.decode(res["ids"])
-    res["export"] = {"path": str(g.export), "step": meta["step"]}
+    res["export"] = {"path": str(g.export), "step": meta.step}
     return res
 
 

@@ -33,6 +33,7 @@ from pipeline.runtime import checkpoint as ckpt
 from pipeline.runtime import distributed
 from pipeline.config import Config, ConfigError, arg_parser, parse_args, to_dict, to_yaml
 from pipeline.runtime.engine import build_engine, engine_dtype, grad_norm, loss_scale
+from pipeline.runtime.rank_state import Generators, RankState, StreamCursors, StreamMemory, save_states
 from pipeline.runtime.resume import ResumePoint, find_resume, restore
 from pipeline.evaluation.scoring import score_split, summarize, unwrap
 from pipeline.data.shards import Manifest
@@ -141,7 +142,7 @@ def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
 
     # Started before seeding: MLflow names new runs with Python's `random`.
     tracker = Tracker(cfg.tracking, rank=env.rank).start(
-        run_name=cfg.tracking.run_name or None, run_id=point.meta.get("mlflow_run_id") if point else None,
+        run_name=cfg.tracking.run_name or None, run_id=point.meta.mlflow_run_id if point else None,
         params=cfg, world_size=env.world_size,
         tags={"stage": "train", "zero_stage": t.zero_stage, "precision": t.precision,
               "resumed_from_step": point.step if point else 0, "output": str(Path(t.output).resolve())})
@@ -192,12 +193,8 @@ class Run:
                          for ids in self.micro_ids]
         self.step = 0
         if point is not None:
-            self.memories, own = restore(self.engine, cfg, point, self.streams, self.rank, self.micro_ids)
             self.step = point.step
-            if own is not None:
-                ckpt.set_rng_state(own["rng"])
-            else:              # a rank that did not exist before: a fresh generator, reproducibly
-                _seed(t.seed + self.rank + 1_000_003 * self.step)
+            restore(self.engine, cfg, point, self.rank_state(), self.rank, t.micro_batches)
             log.info("resumed from %s at step %d", point.path, self.step)
 
         self.bpc = manifest.tokenizer.get("kind") in BPC_TOKENIZERS
@@ -290,15 +287,29 @@ class Run:
             log.info("step %d | valid loss %.4f | valid %s", self.step, valid["loss"], shown)
         return valid
 
+    def rank_state(self) -> dict[str, RankState]:
+        """What this rank saves beside DeepSpeed's state, each entry saving and loading itself."""
+        def put(memories: list) -> None:
+            self.memories = memories
+
+        # A rank the saved run did not have gets a fresh generator, reproducibly.
+        def fresh() -> None:
+            _seed(self.t.seed + self.rank + 1_000_003 * self.step)
+
+        return {"streams": StreamCursors(self.streams),
+                "memory": StreamMemory(lambda: self.memories, put, self.micro_ids, type(self.memories[0]),
+                                       self.device, self.memory_dtype),
+                "rng": Generators(fresh)}
+
     def save(self) -> Path:
         t = self.t
-        rank_state = {"rank": self.rank, "streams": self.streams.state_dict(), "rng": ckpt.rng_state(),
-                      "memory": ckpt.memory_rows(self.memories, self.micro_ids)}
-        meta = {"world_size": self.world, "micro_batches": t.micro_batches, "n_streams": t.n_streams,
-                "tokens_seen": self.step * self.tokens_per_step, "mlflow_run_id": self.tracker.run_id,
-                "manifest": ckpt.manifest_summary(self.manifest), "config": to_dict(self.cfg),
-                "zero_stage": t.zero_stage, "precision": t.precision}
-        path = ckpt.save(self.engine, t.output, self.step, rank_state, meta, t.keep_last)
+        rank_state = save_states(self.rank_state(), self.rank)
+        meta = ckpt.CheckpointMeta(
+            tag=ckpt.tag_for(self.step), step=self.step, world_size=self.world, micro_batches=t.micro_batches,
+            n_streams=t.n_streams, tokens_seen=self.step * self.tokens_per_step, mlflow_run_id=self.tracker.run_id,
+            manifest=ckpt.manifest_summary(self.manifest), config=to_dict(self.cfg), zero_stage=t.zero_stage,
+            precision=t.precision)
+        path = ckpt.save(self.engine, t.output, rank_state, meta, t.keep_last)
         self.summary["checkpoint"] = str(path)
         return path
 

@@ -39,13 +39,14 @@ stage "summary"
 import json, sys
 from pathlib import Path
 from pipeline.config import load_config
+from pipeline.runtime.checkpoint import load_meta
 from pipeline.runtime.exports import resolve_checkpoint
 from pipeline.runtime.tracking import tracking_uri
 
 config, export_dir, seconds, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 cfg = load_config(config, overrides)
 ckpt = resolve_checkpoint(cfg.train.output)
-meta = json.loads((ckpt / "xlpipe" / "meta.json").read_text())
+meta = load_meta(ckpt)
 reports = {}
 for split in ("valid", "test"):
     found = sorted((ckpt.parent.parent / "eval").glob(f"{split}-{ckpt.name}-*-sweep-*.json"),
@@ -55,8 +56,8 @@ rows = {r["settings"]["mem_len"]: r["metrics"] for r in reports["test"]["results
 vrows = {r["settings"]["mem_len"]: r["metrics"] for r in reports["valid"]["results"]}
 mem = max(rows)
 s = next(r["settings"] for r in reports["test"]["results"] if r["settings"]["mem_len"] == mem)
-print(f"model: Transformer-XL, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, trained {meta['step']} steps "
-      f"({meta['tokens_seen']:,} tokens) on {meta['world_size']} ranks, ZeRO-{meta['zero_stage']}")
+print(f"model: Transformer-XL, {cfg.model.n_layer} layers, d_model {cfg.model.d_model}, trained {meta.step} steps "
+      f"({meta.tokens_seen:,} tokens) on {meta.world_size} ranks, ZeRO-{meta.zero_stage}")
 print(f"evaluation: segments of {s['tgt_len']} tokens, memory {mem} with same_length={s['same_length']} and "
       f"warm-started streams, vs none; perplexity per token (bits per byte of source)")
 print(f"{'':16}{'valid':>20}{'test':>20}")
@@ -70,7 +71,7 @@ for r in reports["valid"].get("speed", {}).get("rows", []):
           f"sliding window {r['sliding_tokens_per_s']:6,.1f} tok/s -> {r['ratio']:,.0f}x faster")
 print(f"export: {export_dir}")
 uri = tracking_uri(cfg.tracking)
-run_id = meta.get("mlflow_run_id")
+run_id = meta.mlflow_run_id
 if run_id:
     import mlflow
     exp = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id

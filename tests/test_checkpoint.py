@@ -5,6 +5,7 @@ Transformer-XL; the process group is torn down after the module.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -60,10 +61,16 @@ def test_memory_rows_are_picked_by_stream_id_across_layouts():
         ckpt.select_memory(saved, [1, 7], TXLMemory)
 
 
+def _meta(step: int, zero_stage: int = 2) -> ckpt.CheckpointMeta:
+    return ckpt.CheckpointMeta(tag=ckpt.tag_for(step), step=step, world_size=1, micro_batches=1, n_streams=2,
+                               tokens_seen=8 * step, mlflow_run_id=None, manifest={"sha256": "x"}, config={},
+                               zero_stage=zero_stage, precision="fp32")
+
+
 def _fake_tag(root: Path, step: int) -> None:
     d = root / f"global_step{step}" / ckpt.OURS
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(json.dumps({"format": ckpt.FORMAT, "version": ckpt.VERSION, "step": step}))
+    (d / "meta.json").write_text(json.dumps(_meta(step).to_json()))
 
 
 def test_latest_list_and_prune(tmp_path):
@@ -86,10 +93,10 @@ def test_latest_list_and_prune(tmp_path):
 def test_changed_shards_are_named(tmp_path):
     a = make_manifest(tmp_path / "a")
     b = make_manifest(tmp_path / "b", tokens=333)
-    meta = {"manifest": ckpt.manifest_summary(a)}
-    ckpt.check_manifest(meta, a, "a", tmp_path)           # the same data: fine
+    saved = ckpt.manifest_summary(a)
+    ckpt.check_manifest(saved, a, "a", tmp_path)           # the same data: fine
     with pytest.raises(ckpt.CheckpointError, match=r"splits\.train\.tokens: 300 -> 333"):
-        ckpt.check_manifest(meta, b, "shards/b", tmp_path / "global_step5")
+        ckpt.check_manifest(saved, b, "shards/b", tmp_path / "global_step5")
 
 
 # ----------------------------------------------------------------------------- stage setup
@@ -166,20 +173,21 @@ def engine():
 
 def test_save_is_atomic_and_a_failed_save_leaves_the_last_checkpoint(engine, tmp_path):
     state = {"rank": 0, "streams": {"streams": {0: 4, 1: 4}}, "rng": ckpt.rng_state()}
-    ckpt.save(engine, tmp_path, 1, state, {"zero_stage": 2}, keep_last=2)
+    ckpt.save(engine, tmp_path, state, _meta(1), keep_last=2)
     root = tmp_path / "checkpoints"
     assert ckpt.latest_tag(root) == "global_step1"
-    assert ckpt.load_meta(root / "global_step1")["step"] == 1
+    saved = ckpt.load_meta(root / "global_step1")
+    assert saved.step == 1 and saved.saved_at and dataclasses.replace(saved, saved_at="") == _meta(1)
     assert torch.load(root / "global_step1" / "xlpipe" / "rank0.pt", weights_only=True)["streams"] == state["streams"]
-    assert ckpt.save(engine, tmp_path, 1, state, {}, keep_last=2) == root / "global_step1"   # same step: kept
+    assert ckpt.save(engine, tmp_path, state, _meta(1), keep_last=2) == root / "global_step1"   # same step: kept
 
     with pytest.raises(Exception):   # our file cannot be written (a lambda does not pickle): a crash mid-save
-        ckpt.save(engine, tmp_path, 2, {**state, "bad": lambda: 0}, {}, keep_last=2)
+        ckpt.save(engine, tmp_path, {**state, "bad": lambda: 0}, _meta(2), keep_last=2)
     assert ckpt.latest_tag(root) == "global_step1" and not (root / "global_step2").exists()
     assert [t for _, t in ckpt.list_tags(root)] == ["global_step1"]
 
     for step in (2, 3):              # the next saves clear the leftovers and prune to keep_last
-        ckpt.save(engine, tmp_path, step, state, {"zero_stage": 2}, keep_last=2)
+        ckpt.save(engine, tmp_path, state, _meta(step), keep_last=2)
     assert [t for _, t in ckpt.list_tags(root)] == ["global_step2", "global_step3"]
     assert ckpt.latest_tag(root) == "global_step3" and not list((root / ".tmp").iterdir())
 
@@ -188,3 +196,13 @@ def test_save_is_atomic_and_a_failed_save_leaves_the_last_checkpoint(engine, tmp
     for name, p in engine.module.named_parameters():
         assert torch.equal(got[name], p.detach().float()), name
     shutil.rmtree(root)
+
+
+def test_checkpoint_meta_refuses_missing_and_unknown_keys(tmp_path):
+    _fake_tag(tmp_path, 4)
+    path = tmp_path / "global_step4" / ckpt.OURS / "meta.json"
+    raw = json.loads(path.read_text())
+    assert ckpt.load_meta(tmp_path / "global_step4") == _meta(4)
+    path.write_text(json.dumps({**{k: v for k, v in raw.items() if k != "world_size"}, "extra": 1}))
+    with pytest.raises(ckpt.CheckpointError, match=r"meta.json: missing keys \['world_size'\], unknown keys \['extra'\]"):
+        ckpt.load_meta(tmp_path / "global_step4")

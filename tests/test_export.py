@@ -71,18 +71,18 @@ def test_tied_tensors_are_stored_once_and_tied_again(shards, tmp_path):
         assert model.get_parameter(a) is model.get_parameter(b)
     info = save_export(model, config_dict(shards, model.cfg), load_tokenizer(shards), tmp_path / "e", INFO)
     for a, b in ties.items():
-        assert info["tied"][a] == b
+        assert info.tied[a] == b
     with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
         stored = set(f.keys())
     assert not stored & set(ties) and set(ties.values()) <= stored
-    assert stored | set(info["tied"]) == set(model.state_dict())
+    assert stored | set(info.tied) == set(model.state_dict())
     loaded, tok, meta = load_export(tmp_path / "e")
     for a, b in ties.items():
         assert loaded.get_parameter(a) is loaded.get_parameter(b)
     torch.testing.assert_close(logprobs(loaded, IDS), logprobs(model, IDS), rtol=0, atol=0)
-    assert tok.kind == "byte" and meta["step"] == 3 and meta["n_params"] == sum(
+    assert tok.kind == "byte" and meta.step == 3 and meta.n_params == sum(
         p.numel() for p in model.parameters())
-    assert sorted(meta["files"]) == ["config.yaml", "model.safetensors", "tokenizer.json"]
+    assert sorted(meta.files) == ["config.yaml", "model.safetensors", "tokenizer.json"]
 
 
 def test_alrfou_export_leaves_out_training_heads(shards, tmp_path):
@@ -105,7 +105,7 @@ def test_bf16_export_and_integrity_checks(shards, tmp_path):
     save_export(model, config_dict(shards, model.cfg), load_tokenizer(shards), tmp_path / "b", INFO, dtype="bf16")
     assert next(model.parameters()).dtype == torch.float32            # the caller's model is untouched
     loaded, _, meta = load_export(tmp_path / "b")
-    assert meta["dtype"] == "bf16" and next(loaded.parameters()).dtype == torch.bfloat16
+    assert meta.dtype == "bf16" and next(loaded.parameters()).dtype == torch.bfloat16
     torch.testing.assert_close(loaded.word_emb.emb_layers[0].weight,
                                model.word_emb.emb_layers[0].weight.bfloat16(), rtol=0, atol=0)
     # Changed bytes are caught; an existing output is not overwritten unless asked.
@@ -150,7 +150,7 @@ with torch.no_grad():
 loaded = sorted(k for k, v in sys.modules.items() if k.startswith("deepspeed") and v is not None)
 assert not loaded, loaded
 np.save(sys.argv[2], np.stack(out))
-print(tok.decode([104, 105]), meta["step"])
+print(tok.decode([104, 105]), meta.step)
 """
 
 

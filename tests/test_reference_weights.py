@@ -182,7 +182,7 @@ def test_import_reference_makes_an_export_the_pipeline_evaluates(ref_shards, tmp
     assert main(["--config", str(config), "--weights", str(weights), "--hf-config",
                  str(FIXTURES / "untied_div2" / "config.json"), "--vocab", str(vocab), "--output", str(out)]) == 0
     model, tokenizer, meta = load_export(out)
-    assert tokenizer.vocab_size == 250 and meta["tag"] == "reference" and meta["reference"]["naming"] == "auto"
+    assert tokenizer.vocab_size == 250 and meta.tag == "reference" and meta.reference["naming"] == "auto"
     nll = segment_nll(model, expected["input_ids"], case, model.init_memory(case["batch"]))
     torch.testing.assert_close(nll, expected["nll_empty_memory"], rtol=0, atol=1e-5)
 

@@ -61,19 +61,18 @@ def load_source(path: str | Path, manifest: Manifest, shard_dir: str, device: to
 
     if is_export(path):
         model, _, meta = load_export(path, device=device, dtype=dtype)
-        if meta["manifest_sha256"] != manifest.sha256():
+        if meta.manifest_sha256 != manifest.sha256():
             raise EvalError(f"export {path} was trained on shards with manifest sha256 "
-                            f"{meta['manifest_sha256'][:12]}..., but {shard_dir} has {manifest.sha256()[:12]}...; "
+                            f"{meta.manifest_sha256[:12]}..., but {shard_dir} has {manifest.sha256()[:12]}...; "
                             f"point data.output at the shards it was trained on")
-        return Source("export", Path(path), model, meta["step"], meta["tag"], meta.get("mlflow_run_id"),
-                      meta["manifest_sha256"], {"zero_stage": meta.get("zero_stage"), "dtype": meta.get("dtype")})
+        return Source("export", Path(path), model, meta.step, meta.tag, meta.mlflow_run_id, meta.manifest_sha256,
+                      {"zero_stage": meta.zero_stage, "dtype": meta.dtype})
     cdir = resolve_checkpoint(path)
     meta = ckpt.load_meta(cdir)
-    ckpt.check_manifest(meta, manifest, shard_dir, cdir)
+    ckpt.check_manifest(meta.manifest, manifest, shard_dir, cdir)
     model, _ = load_checkpoint_model(cdir, device=device, dtype=dtype)
-    return Source("checkpoint", cdir, model, meta["step"], meta["tag"], meta.get("mlflow_run_id"),
-                  meta["manifest"]["sha256"], {"zero_stage": meta.get("zero_stage"),
-                                               "precision": meta.get("precision")})
+    return Source("checkpoint", cdir, model, meta.step, meta.tag, meta.mlflow_run_id, meta.manifest_sha256,
+                  {"zero_stage": meta.zero_stage, "precision": meta.precision})
 
 
 # ----------------------------------------------------------------------------- settings and metrics

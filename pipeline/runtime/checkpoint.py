@@ -18,6 +18,7 @@ Our files hold only tensors, numbers and strings and load with ``torch.load(weig
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -30,10 +31,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.common import XlpipeError
 from pipeline.runtime import distributed
 from pipeline.data.shards import Manifest
-from pipeline.common import atomic_write_bytes, atomic_write_json, read_versioned_json
+from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json, dataclass_from_json, read_versioned_json
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,36 @@ def load_rank_file(ckpt: Path, rank: int) -> dict:
         raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
 
 
-def load_meta(ckpt: Path) -> dict:
-    return read_versioned_json(ckpt / OURS / "meta.json", FORMAT, VERSION, CheckpointError)
+@dataclasses.dataclass
+class CheckpointMeta:
+    """``xlpipe/meta.json`` of a checkpoint: written by rank 0 at every save, read by resume,
+    evaluate and export."""
+
+    tag: str
+    step: int
+    world_size: int
+    micro_batches: int
+    n_streams: int
+    tokens_seen: int
+    mlflow_run_id: Optional[str]
+    manifest: dict                 # manifest_summary() of the shards trained on
+    config: dict                   # the resolved config (pipeline.config.to_dict)
+    zero_stage: int
+    precision: str
+    saved_at: str = ""
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.manifest["sha256"]
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
+
+
+def load_meta(ckpt: Path) -> CheckpointMeta:
+    path = ckpt / OURS / "meta.json"
+    return dataclass_from_json(CheckpointMeta, read_versioned_json(path, FORMAT, VERSION, CheckpointError),
+                               path, CheckpointError)
 
 
 # ----------------------------------------------------------------------------- manifest identity
@@ -196,9 +224,9 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def check_manifest(meta: dict, manifest: Manifest, shard_dir: str, ckpt: Path) -> None:
+def check_manifest(saved: dict, manifest: Manifest, shard_dir: str, ckpt: Path) -> None:
+    """``saved`` (a checkpoint's ``manifest_summary``) against the shards at hand, naming what changed."""
     now = manifest_summary(manifest)
-    saved = meta.get("manifest", {})
     if saved.get("sha256") == now["sha256"]:
         return
     changes = [d for d in _diff(saved, now) if not d.startswith("sha256")]
@@ -208,17 +236,18 @@ def check_manifest(meta: dict, manifest: Manifest, shard_dir: str, ckpt: Path) -
                           f"shards (data.output) or start a new run (another train.output)")
 
 
-def config_changes(meta: dict, current: dict) -> list[str]:
-    return _diff(meta.get("config", {}), current)
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for every difference of two config dicts."""
+    return _diff(saved, current)
 
 
 # ----------------------------------------------------------------------------- save
 
 
-def save(engine, output: str | Path, step: int, rank_state: dict, meta: dict, keep_last: int) -> Path:
-    """Save a complete checkpoint at ``step`` from every rank (a collective); returns its directory."""
+def save(engine, output: str | Path, rank_state: dict, meta: CheckpointMeta, keep_last: int) -> Path:
+    """Save a complete checkpoint at ``meta.step`` from every rank (a collective); returns its directory."""
     root = root_dir(output)
-    tag = tag_for(step)
+    tag = meta.tag
     final = root / tag
     rank = distributed.get_rank()
     if distributed.broadcast_object(final.exists() if rank == 0 else None):
@@ -233,8 +262,8 @@ def save(engine, output: str | Path, step: int, rank_state: dict, meta: dict, ke
     ours.mkdir(parents=True, exist_ok=True)
     _save_torch(ours / f"rank{rank}.pt", rank_state)
     if rank == 0:
-        atomic_write_json(ours / "meta.json", {"format": FORMAT, "version": VERSION, "tag": tag, "step": step,
-                                               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta})
+        stamped = dataclasses.replace(meta, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        atomic_write_json(ours / "meta.json", stamped.to_json())
     distributed.barrier()
     if rank == 0:
         world = distributed.get_world_size()
@@ -303,8 +332,7 @@ def consolidated_state_dict(ckpt: str | Path) -> dict:
     (stages 1-3 through DeepSpeed's zero_to_fp32, from the fp32 master partitions; stage 0 keeps
     whole weights in rank 0's file: with bf16/fp16 those are the half-precision module weights)."""
     ckpt = Path(ckpt)
-    meta = load_meta(ckpt)
-    if meta.get("zero_stage", 0) == 0:
+    if load_meta(ckpt).zero_stage == 0:
         state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

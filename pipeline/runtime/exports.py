@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -32,8 +33,8 @@ from typing import Optional
 
 import torch
 
-from pipeline.common import (DTYPES, XlpipeError, atomic_write_bytes, atomic_write_json, git_commit,
-                             read_versioned_json, sha256_file)
+from pipeline.common import (DTYPES, XlpipeError, atomic_write_bytes, atomic_write_json, dataclass_from_json,
+                             git_commit, read_versioned_json, sha256_file)
 from pipeline.config import ConfigError, load_config
 from pipeline.data.tokenizers import TokenizerError, read_tokenizer
 
@@ -101,7 +102,7 @@ def load_checkpoint_model(checkpoint: str | Path, device: str | torch.device = "
 
     path = resolve_checkpoint(checkpoint)
     meta = ckpt.load_meta(path)
-    model = build_model(model_config(meta["config"]))
+    model = build_model(model_config(meta.config))
     load_weights(model, consolidate(path), f"checkpoint {path}")
     model = model.to(device=device, dtype=dtype).eval()
     return model, meta
@@ -146,11 +147,39 @@ def dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return unique, tied
 
 
+@dataclasses.dataclass
+class ExportMeta:
+    """``export.json``: where the weights came from and what the directory holds."""
+
+    created: str
+    git_commit: Optional[str]
+    step: int
+    tag: str
+    mlflow_run_id: Optional[str]
+    manifest_sha256: str             # the shards the model was trained on (evaluate checks them)
+    tokenizer: dict                  # kind, vocab_size
+    family: str
+    dtype: str                       # fp32 | bf16 | fp16
+    n_params: int
+    tied: dict                       # {alias: stored name}
+    files: dict                      # {file name: sha256}
+    source: str = ""                 # the checkpoint (or reference weights) exported
+    corpus: Optional[str] = None
+    metrics: dict = dataclasses.field(default_factory=dict)   # that step's evaluations, by split and setting
+    zero_stage: Optional[int] = None
+    precision: Optional[str] = None
+    tokens_seen: Optional[int] = None
+    reference: Optional[dict] = None  # import-reference: the published weights' file, hash and naming
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
+
+
 def save_export(model: torch.nn.Module, config: dict, tokenizer, out: str | Path, info: dict,
-                dtype: str = "fp32", overwrite: bool = False) -> dict:
+                dtype: str = "fp32", overwrite: bool = False) -> ExportMeta:
     """Write ``model`` (built from ``config["model"]``), the config, the tokenizer's files and
-    ``export.json`` (``info`` plus format, git commit, dtype, tied names, sha256s) into ``out``,
-    atomically; returns the export.json content."""
+    ``export.json`` (``info``, the provenance fields of ``ExportMeta``, plus git commit, dtype,
+    tied names, sha256s) into ``out``, atomically; returns what export.json holds."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -174,12 +203,11 @@ def save_export(model: torch.nn.Module, config: dict, tokenizer, out: str | Path
         mode = 0o666 & ~_umask()
         for f in tmp.iterdir():
             os.chmod(f, mode)                        # safetensors writes 0600; an export is for sharing
-        info = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "git_commit": git_commit(), **info,
-                "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
-                "family": model.cfg.family, "dtype": dtype, "n_params": sum(t.numel() for t in unique.values()),
-                "tied": tied, "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
-        atomic_write_json(tmp / META, info)
+        meta = ExportMeta(created=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=git_commit(), **info,
+                          tokenizer={"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+                          family=model.family, dtype=dtype, n_params=sum(t.numel() for t in unique.values()),
+                          tied=tied, files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())})
+        atomic_write_json(tmp / META, meta.to_json())
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
@@ -190,7 +218,7 @@ def save_export(model: torch.nn.Module, config: dict, tokenizer, out: str | Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return info
+    return meta
 
 
 def _umask() -> int:
@@ -202,11 +230,11 @@ def _umask() -> int:
 # ----------------------------------------------------------------------------- loading
 
 
-def read_meta(directory: str | Path) -> dict:
+def read_meta(directory: str | Path) -> ExportMeta:
     path = Path(directory) / META
     if not path.is_file():
         raise ExportError(f"{directory} is not an export: {META} is missing (write one with python -m pipeline.export)")
-    return read_versioned_json(path, FORMAT, VERSION, ExportError)
+    return dataclass_from_json(ExportMeta, read_versioned_json(path, FORMAT, VERSION, ExportError), path, ExportError)
 
 
 def load_export(directory: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
@@ -222,7 +250,7 @@ def load_export(directory: str | Path, device: str | torch.device = "cpu", dtype
     directory = Path(directory)
     meta = read_meta(directory)
     if verify:
-        for name, sha in meta["files"].items():
+        for name, sha in meta.files.items():
             f = directory / name
             if not f.is_file():
                 raise ExportError(f"{f} (listed in {directory / META}) is missing")
@@ -235,11 +263,11 @@ def load_export(directory: str | Path, device: str | torch.device = "cpu", dtype
         raise ExportError(f"{directory / CONFIG}: {exc}") from None
     model = build_model(cfg.model)
     state = load_file(str(directory / WEIGHTS))
-    for alias, name in meta["tied"].items():
+    for alias, name in meta.tied.items():
         if name not in state:
             raise ExportError(f"{directory / WEIGHTS}: tied tensor {alias!r} names {name!r}, which is not stored")
         state[alias] = state[name]
-    model = model.to(dtype=dtype or DTYPES[meta["dtype"]])
+    model = model.to(dtype=dtype or DTYPES[meta.dtype])
     load_weights(model, state, f"export {directory}")
     try:
         tokenizer = read_tokenizer(directory)

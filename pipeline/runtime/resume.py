@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from pipeline.runtime import checkpoint as ckpt
 from pipeline.runtime import distributed
 from pipeline.config import Config, to_dict
-from pipeline.runtime.engine import engine_dtype, fast_forward_schedule, retarget_schedule
+from pipeline.runtime.engine import fast_forward_schedule, retarget_schedule
 from pipeline.data.shards import Manifest
-from pipeline.data.streams import merge_states
+from pipeline.runtime.rank_state import RankState, load_states
 
 log = logging.getLogger("pipeline.train")
 
@@ -29,13 +29,13 @@ log = logging.getLogger("pipeline.train")
 @dataclasses.dataclass
 class ResumePoint:
     path: Path
-    meta: dict
+    meta: ckpt.CheckpointMeta
     elastic: bool            # saved with another world size or micro-batch layout
     universal: bool = False  # optimizer state through DeepSpeed's universal checkpoint
 
     @property
     def step(self) -> int:
-        return int(self.meta["step"])
+        return self.meta.step
 
 
 def find_resume(cfg: Config, manifest: Manifest, world_size: int) -> Optional[ResumePoint]:
@@ -49,18 +49,18 @@ def find_resume(cfg: Config, manifest: Manifest, world_size: int) -> Optional[Re
                                    f"resume (train.resume=true) or choose a new train.output")
     path = root / tag
     meta = ckpt.load_meta(path)
-    ckpt.check_manifest(meta, manifest, cfg.data.output, path)
-    saved = meta.get("config", {})
+    ckpt.check_manifest(meta.manifest, manifest, cfg.data.output, path)
+    saved = meta.config
     if saved.get("model") != to_dict(cfg.model):
-        changes = ckpt.config_changes({"config": saved.get("model", {})}, to_dict(cfg.model))
+        changes = ckpt.config_changes(saved.get("model", {}), to_dict(cfg.model))
         raise ckpt.CheckpointError(f"the model config differs from checkpoint {path}: {'; '.join(changes)}; "
                                    f"resume with the saved model settings")
-    changed = [c for c in ckpt.config_changes(meta, to_dict(cfg)) if not c.startswith("model.")]
+    changed = [c for c in ckpt.config_changes(saved, to_dict(cfg)) if not c.startswith("model.")]
     if changed and distributed.is_main():
         log.warning("resuming %s with changed settings: %s", path, "; ".join(changed))
-    elastic = (meta["world_size"], meta["micro_batches"]) != (world_size, cfg.train.micro_batches)
+    elastic = (meta.world_size, meta.micro_batches) != (world_size, cfg.train.micro_batches)
     point = ResumePoint(path, meta, elastic)
-    if elastic and meta["world_size"] != world_size:
+    if elastic and meta.world_size != world_size:
         _prepare_universal(point, cfg)
     return point
 
@@ -83,39 +83,31 @@ def _prepare_universal(point: ResumePoint, cfg: Config) -> None:
                     "and a FRESH optimizer state (Adam moments restart)", point.path, result)
 
 
-def restore(engine, cfg: Config, point: ResumePoint, streams, rank: int,
-            micro_ids: Sequence[Sequence[int]]) -> tuple[list, Optional[dict]]:
-    """Load the engine and our state into ``streams``; returns (memories per micro-batch, this
-    rank's saved file, None for a rank that did not exist)."""
+def restore(engine, cfg: Config, point: ResumePoint, entries: dict[str, RankState], rank: int,
+            n_micro_batches: int) -> None:
+    """Load the engine's state, then every entry of this rank's state (``pipeline.runtime.rank_state``)."""
     path, meta = point.path, point.meta
     if not point.elastic:
         engine.load_checkpoint(str(path.parent), tag=path.name)
         own = ckpt.load_rank_file(path, rank)
-        parts, stream_state = [own["memory"]], own["streams"]
+        files = [own]
     else:
         if point.universal:
             engine.load_checkpoint(str(path), tag=ckpt.UNIVERSAL)
-        elif meta["world_size"] == distributed.get_world_size() or cfg.train.zero_stage == 0:
+        elif meta.world_size == distributed.get_world_size() or cfg.train.zero_stage == 0:
             engine.load_checkpoint(str(path.parent), tag=path.name)
         else:
             engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True,
                                    load_optimizer_states=False, load_lr_scheduler_states=False)
-        files = [ckpt.load_rank_file(path, r) for r in range(meta["world_size"])]
-        parts = [f["memory"] for f in files]
-        stream_state = merge_states([f["streams"] for f in files])
+        files = [ckpt.load_rank_file(path, r) for r in range(meta.world_size)]
         own = files[rank] if rank < len(files) else None
         if rank == 0:
             log.warning("elastic resume: %d ranks x %d micro-batches -> %d x %d; streams and memory "
-                        "reassigned by stream id", meta["world_size"], meta["micro_batches"],
-                        distributed.get_world_size(), len(micro_ids))
+                        "reassigned by stream id", meta.world_size, meta.micro_batches,
+                        distributed.get_world_size(), n_micro_batches)
     if engine.global_steps != point.step:     # weights-only loads do not restore DeepSpeed's counters
         fast_forward_schedule(engine, point.step)
     changed = retarget_schedule(engine, cfg.train, point.step)
     if changed and rank == 0:
         log.warning("the learning-rate schedule follows this run's config: %s", "; ".join(changed))
-    streams.load_state_dict(stream_state)
-    module = engine.module
-    mem_cls = type(module.init_memory(1))
-    memories = [ckpt.select_memory(parts, list(ids), mem_cls, device=engine.device, dtype=engine_dtype(engine))
-                for ids in micro_ids]
-    return memories, own
+    load_states(entries, files, own, point.elastic, str(path))
