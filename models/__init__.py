@@ -1,4 +1,4 @@
-"""Pure-PyTorch memory language models behind one interface (DESIGN.md contract 3).
+"""Pure-PyTorch memory language models behind one interface (docs/architecture.md, contract 3).
 
 Nothing here imports from ``pipeline``, DeepSpeed, MLflow or SLURM.
 """

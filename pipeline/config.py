@@ -61,7 +61,7 @@ class TrainConfig:
     seed: int = 1111
     max_steps: int = 100
 
-    # Streams (DESIGN.md contract 2): global and fixed, independent of the world size.
+    # Streams (docs/architecture.md, contract 2): global and fixed, independent of the world size.
     n_streams: int = 8               # batch rows = streams; each rank owns n_streams / world
     tgt_len: int = 0                 # 0: model.tgt_len (a different non-zero value is an error)
     micro_batches: int = 1           # gradient accumulation: each micro-batch owns its streams and memory

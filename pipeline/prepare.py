@@ -1,4 +1,4 @@
-"""Stage 1: corpus → tokenizer → webdataset shards + manifest.json (DESIGN.md contract 1).
+"""Stage 1: corpus → tokenizer → webdataset shards + manifest.json (docs/architecture.md, contract 1).
 
     python -m pipeline.prepare --config configs/F.yaml [key=value ...] [--workers N] [--force]
 

@@ -314,7 +314,7 @@ class Run:
         return path
 
     def preempted(self) -> None:
-        """All ranks save, then rank 0 requeues the SLURM job (DESIGN.md's order)."""
+        """All ranks save, then rank 0 requeues the SLURM job (docs/architecture.md)."""
         path = self.save()
         requeued = distributed.requeue() if self.rank == 0 else False
         self.tracker.mark_preempted(requeued, self.step)

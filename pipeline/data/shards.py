@@ -1,4 +1,4 @@
-"""Token shards and their manifest (DESIGN.md contract 1).
+"""Token shards and their manifest (docs/architecture.md, contract 1).
 
 A split is an ordered list of webdataset tars ``{split}/shard-%06d.tar``. Shard ``i`` holds the
 tokens of input unit ``i`` (a deterministic slice of the corpus, see ``pipeline.prepare``) as

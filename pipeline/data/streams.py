@@ -1,4 +1,4 @@
-"""Memory-carrying segment streams (DESIGN.md contract 2): shards → per-rank ``(inputs, targets)``.
+"""Memory-carrying segment streams (docs/architecture.md, contract 2): shards → per-rank ``(inputs, targets)``.
 
 Layout. An epoch's token sequence ``x[0:T]`` (the split in order, or for ``shuffled_sentences``
 the epoch's shuffled sentences) is cut into ``n_streams`` streams of ``L = (T - 1) // n_streams``

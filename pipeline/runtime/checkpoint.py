@@ -1,4 +1,4 @@
-"""Training checkpoints (DESIGN.md contract 4): DeepSpeed's engine state + our per-rank state.
+"""Training checkpoints (docs/architecture.md, contract 4): DeepSpeed's engine state + our per-rank state.
 
 Layout under ``train.output``::
 

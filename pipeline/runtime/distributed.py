@@ -5,7 +5,7 @@ into a ``DistEnv``; ``init_distributed()`` exports RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_PORT (DeepSpeed requires all five, LOCAL_RANK included) and starts the process group
 through ``deepspeed.init_distributed``: NCCL on CUDA, gloo on CPU.
 
-Preemption (DESIGN.md): SIGUSR1/SIGTERM only set a flag (``StopSignal``); at a step boundary
+Preemption (docs/architecture.md): SIGUSR1/SIGTERM only set a flag (``StopSignal``); at a step boundary
 ``should_stop()`` all-reduces it with MAX so every rank stops at the same step; after all ranks
 saved, rank 0 calls ``requeue()`` (``scontrol requeue $SLURM_JOB_ID``) and the job exits 0.
 
