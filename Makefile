@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast test-slow bench ui clean reference-env reference-fixture
+.PHONY: install demo test test-fast test-slow lint bench ui clean reference-env reference-fixture
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test-fast: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# ruff: import order, line length, pyflakes (settings in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	bash scripts/demo.sh

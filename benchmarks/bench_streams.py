@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data.shards import Manifest, SplitInfo, write_shard  # noqa: E402
 from pipeline.common import atomic_write_json
+from pipeline.data.shards import Manifest, SplitInfo, write_shard  # noqa: E402
 from pipeline.data.streams import open_streams  # noqa: E402
 
 GOAL = 5e7

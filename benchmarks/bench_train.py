@@ -91,8 +91,8 @@ def optimizer_state_worker(stage: int) -> None:
     import torch
 
     from models import build_model
-    from pipeline.runtime import distributed
     from pipeline.config import load_config
+    from pipeline.runtime import distributed
     from pipeline.runtime.engine import build_engine
 
     env = distributed.init_distributed()

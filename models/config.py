@@ -34,7 +34,8 @@ class ModelConfig:
     dropatt: float = 0.0
 
     # Positions and recurrence.
-    attn_type: Literal["relative", "shaw", "absolute", "learned"] = "relative"  # relative (Dai et al.) | shaw | absolute (Vaswani sinusoid) | learned (Al-Rfou, per layer)
+    # relative (Dai et al.) | shaw | absolute (Vaswani sinusoid) | learned (Al-Rfou, per layer)
+    attn_type: Literal["relative", "shaw", "absolute", "learned"] = "relative"
     tgt_len: int = 128               # segment length; sizes learned position tables (shaw/learned)
     mem_len: int = 128               # 0 turns recurrence off
     ext_len: int = 0

@@ -19,14 +19,20 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
-from models.modules.attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, additive_mask,
-                        causal_mask, same_length_window)
 from models.base import LENGTHS, LanguageModel, ModelOutput, span_keeping_mem_len
 from models.config import ModelConfig
+from models.memory import Memory
+from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from models.modules.attention import (
+    AbsoluteAttention,
+    RelLearnableAttention,
+    RelPartialLearnableAttention,
+    additive_mask,
+    causal_mask,
+    same_length_window,
+)
 from models.modules.dropout import Dropout
 from models.modules.layers import PositionwiseFF
-from models.memory import Memory
 from models.modules.positions import relative_distances, sinusoid
 
 
@@ -183,7 +189,8 @@ class TransformerXL(LanguageModel):
         """Segment, extended-context and memory lengths; evaluation typically uses a shorter
         tgt_len and a longer mem_len than training."""
         if min(tgt_len, ext_len, mem_len) < 0:
-            raise ValueError(f"reset_length: lengths must be >= 0, got tgt_len={tgt_len} ext_len={ext_len} mem_len={mem_len}")
+            raise ValueError(f"reset_length: lengths must be >= 0, got tgt_len={tgt_len} ext_len={ext_len} "
+                             f"mem_len={mem_len}")
         self.tgt_len, self.ext_len, self.mem_len = tgt_len, ext_len, mem_len
 
     def lengths(self) -> dict:

@@ -53,8 +53,8 @@ from torch import Tensor, nn
 
 from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models.config import ModelConfig
-from models.modules.layers import PositionwiseFF, layer_norm, linear
 from models.memory import Memory
+from models.modules.layers import PositionwiseFF, layer_norm, linear
 
 TRAINING_ONLY_PREFIX = "train_heads."
 
@@ -113,9 +113,11 @@ class VanillaTransformer(LanguageModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.cutoffs:
-            raise ValueError(f"model.cutoffs={cfg.cutoffs}: the vanilla family has a full softmax; set model.cutoffs=[]")
+            raise ValueError(f"model.cutoffs={cfg.cutoffs}: the vanilla family has a full softmax; "
+                             f"set model.cutoffs=[]")
         if cfg.d_embed not in (0, cfg.d_model):
-            raise ValueError(f"model.d_embed={cfg.d_embed}: the vanilla family needs d_embed 0 or d_model={cfg.d_model}")
+            raise ValueError(f"model.d_embed={cfg.d_embed}: the vanilla family needs d_embed 0 or "
+                             f"d_model={cfg.d_model}")
         if cfg.tgt_len < 2 or cfg.n_layer < 1:
             raise ValueError(f"vanilla model needs tgt_len >= 2 and n_layer >= 1, got {cfg.tgt_len} and {cfg.n_layer}")
         self.cfg, self.vcfg = cfg, cfg.vanilla
@@ -228,7 +230,8 @@ class VanillaTransformer(LanguageModel):
             raise TypeError(f"vanilla model expects VanillaMemory with tokens, got {memory!r}")
         tokens = memory.tokens
         if tokens.dim() != 2 or tokens.shape[0] != batch:
-            raise ValueError(f"memory.tokens has shape {tuple(tokens.shape)}; expected [{batch}, n] for a batch of {batch}")
+            raise ValueError(f"memory.tokens has shape {tuple(tokens.shape)}; expected [{batch}, n] "
+                             f"for a batch of {batch}")
         m = min(tokens.shape[1], self.context - k)
         return tokens[:, tokens.shape[1] - m :].to(device)
 

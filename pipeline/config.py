@@ -15,8 +15,8 @@ from typing import Any, List, Literal, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.common import XlpipeError
 from models.config import ModelConfig
+from pipeline.common import XlpipeError
 
 
 @dataclasses.dataclass
@@ -141,7 +141,8 @@ class EvalConfig:
     max_steps: int = 0               # 0: the whole split; else the first max_steps segments of every stream
     mem_lens: List[int] = field(default_factory=list)   # sweep: one evaluation per memory length, plus a plot
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"     # model weights on the device (NLL sums stay fp64)
-    dump: str = ""                   # per-token NLL (.npz: nll per split position, NaN where unscored; a sweep: its first mem_len)
+    # per-token NLL (.npz: nll per split position, NaN where unscored; a sweep: its first mem_len)
+    dump: str = ""
     output: str = ""                 # report directory; "": <run dir>/eval or <export dir>/eval
     speed: EvalSpeedConfig = field(default_factory=EvalSpeedConfig)
     recl: ReclConfig = field(default_factory=ReclConfig)
@@ -256,7 +257,8 @@ def arg_parser(stage: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> tuple[Config, argparse.Namespace]:
+def parse_args(parser: argparse.ArgumentParser,
+               argv: Optional[Sequence[str]] = None) -> tuple[Config, argparse.Namespace]:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

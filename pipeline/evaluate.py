@@ -42,14 +42,22 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.runtime import distributed
+from pipeline.common import DTYPES, atomic_write_json, git_commit
 from pipeline.config import Config, EvalConfig, arg_parser, parse_args
-from pipeline.evaluation.sources import (EvalError, Source, headline, load_source, main_metric, metrics, resolve_settings,
-                          score, write_dump)
-from pipeline.runtime.exports import is_export, resolve_checkpoint, run_dir_of
-from pipeline.common import DTYPES, git_commit
 from pipeline.data.shards import Manifest, SplitTokens
-from pipeline.common import atomic_write_json
+from pipeline.evaluation.sources import (
+    EvalError,
+    Source,
+    headline,
+    load_source,
+    main_metric,
+    metrics,
+    resolve_settings,
+    score,
+    write_dump,
+)
+from pipeline.runtime import distributed
+from pipeline.runtime.exports import is_export, resolve_checkpoint, run_dir_of
 from pipeline.runtime.stage import exit_now, run_stage
 
 log = logging.getLogger("pipeline.evaluate")

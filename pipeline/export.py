@@ -3,8 +3,9 @@
     python -m pipeline.export --config configs/F.yaml [export.source=RUN_OR_CKPT] [export.output=DIR]
 
 The files and their loader are in ``pipeline.runtime.exports`` (``load_export`` is also importable
-from here, the documented path). Consolidation goes through ``deepspeed.utils.zero_to_fp32`` for ZeRO stages 1-3 (stage 0 keeps
-whole weights in rank 0's file), see ``pipeline.runtime.checkpoint.consolidated_state_dict``.
+from here, the documented path). Consolidation goes through ``deepspeed.utils.zero_to_fp32`` for
+ZeRO stages 1-3 (stage 0 keeps whole weights in rank 0's file), see
+``pipeline.runtime.checkpoint.consolidated_state_dict``.
 """
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-
 from pipeline.config import Config, arg_parser, parse_args
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
-from pipeline.runtime.exports import (ExportError, load_weights, consolidate, load_export, model_config,
-                                      resolve_checkpoint, run_dir_of, save_export)
+from pipeline.runtime.exports import (
+    ExportError,
+    consolidate,
+    load_export,
+    load_weights,
+    model_config,
+    resolve_checkpoint,
+    run_dir_of,
+    save_export,
+)
 from pipeline.runtime.stage import run_stage
 
 __all__ = ["export", "load_export", "main"]   # load_export: the documented path of the loader
@@ -45,7 +53,6 @@ def _eval_metrics(run_dir: Path, step: int) -> dict:
 def export(cfg: Config) -> Path:
     """Export ``cfg.export.source`` (default: the latest checkpoint of ``train.output``)."""
     from models import build_model
-
     from pipeline.runtime import checkpoint as ckpt
 
     e = cfg.export

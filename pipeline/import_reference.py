@@ -30,14 +30,12 @@ import torch
 
 from models import ModelConfig
 from models.reference import ReferenceWeightsError, config_from_hf, load_reference
-
+from pipeline.common import XlpipeError, sha256_file
 from pipeline.config import load_config, to_dict
-from pipeline.runtime.exports import save_export
 from pipeline.data.shards import Manifest
-from pipeline.common import sha256_file
 from pipeline.data.tokenizers import load_tokenizer
 from pipeline.data.tokenizers.word_vocab import read_vocab_file
-from pipeline.common import XlpipeError
+from pipeline.runtime.exports import save_export
 from pipeline.runtime.stage import run_stage
 
 log = logging.getLogger("pipeline.import_reference")
@@ -60,9 +58,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ReferenceImportError(f"{path}: not a plain state dict ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                           f"the authors' scripts save the whole pickled module — load it in their code and "
-                           f"save model.state_dict() instead") from None
+        first = str(exc).splitlines()[0]
+        raise ReferenceImportError(f"{path}: not a plain state dict ({type(exc).__name__}: {first}); "
+                                   f"the authors' scripts save the whole pickled module — load it in their code "
+                                   f"and save model.state_dict() instead") from None
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -91,8 +90,8 @@ def check_vocab(path: Path, tokenizer, shards: str) -> None:
     symbols = read_vocab_file(path)
     ours = getattr(tokenizer, "symbols", None)
     if ours is None:
-        raise ReferenceImportError(f"--vocab {path}: the shards in {shards} use a {tokenizer.kind} tokenizer, not a word "
-                           f"vocabulary")
+        raise ReferenceImportError(f"--vocab {path}: the shards in {shards} use a {tokenizer.kind} tokenizer, "
+                                   f"not a word vocabulary")
     if len(symbols) != len(ours):
         raise ReferenceImportError(f"--vocab {path} has {len(symbols):,} symbols, the shards in {shards} {len(ours):,}")
     for i, (a, b) in enumerate(zip(symbols, ours)):

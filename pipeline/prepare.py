@@ -43,10 +43,25 @@ from typing import Optional, Sequence
 from pipeline.config import Config, arg_parser, parse_args
 from pipeline.data.corpora import SPLITS, Corpus, CorpusError, Unit, open_corpus
 from pipeline.data.prepare.tokenizer import TokenizerSpec, resolve_tokenizer, tokenizer_step
-from pipeline.data.prepare.units import (PrepareError, cpu_count, encode_task, map_ordered, progress_bar, sha_json,
-                                    sidecar_path)
-from pipeline.data.shards import (MANIFEST, Manifest, ShardError, ShardInfo, SplitInfo, shard_name, token_dtype,
-                             verify_shard)
+from pipeline.data.prepare.units import (
+    PrepareError,
+    cpu_count,
+    encode_task,
+    map_ordered,
+    progress_bar,
+    sha_json,
+    sidecar_path,
+)
+from pipeline.data.shards import (
+    MANIFEST,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    SplitInfo,
+    shard_name,
+    token_dtype,
+    verify_shard,
+)
 from pipeline.data.tokenizers import Tokenizer
 from pipeline.runtime.stage import run_stage
 
@@ -257,7 +272,8 @@ def _array_task() -> tuple[int, int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = arg_parser("prepare", "corpus → tokenizer → webdataset shards + manifest.json")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default data.workers; 0: all CPUs)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tokenizer processes (default data.workers; 0: all CPUs)")
     parser.add_argument("--stage", choices=STAGES, default="auto",
                         help="auto: all steps, or only shards inside a job array")
     parser.add_argument("--merge", action="store_true", help="same as --stage merge")

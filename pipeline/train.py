@@ -28,17 +28,16 @@ import numpy as np
 import torch
 
 from models import ModelOutput, build_model
-
+from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json
+from pipeline.config import Config, ConfigError, arg_parser, parse_args, to_dict, to_yaml
+from pipeline.data.shards import Manifest
+from pipeline.data.streams import Batch, open_streams
+from pipeline.evaluation.scoring import score_split, summarize, unwrap
 from pipeline.runtime import checkpoint as ckpt
 from pipeline.runtime import distributed
-from pipeline.config import Config, ConfigError, arg_parser, parse_args, to_dict, to_yaml
 from pipeline.runtime.engine import build_engine, engine_dtype, grad_norm, loss_scale
 from pipeline.runtime.rank_state import Generators, RankState, StreamCursors, StreamMemory, save_states
 from pipeline.runtime.resume import ResumePoint, find_resume, restore
-from pipeline.evaluation.scoring import score_split, summarize, unwrap
-from pipeline.data.shards import Manifest
-from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json
-from pipeline.data.streams import Batch, open_streams
 from pipeline.runtime.stage import exit_now, run_stage
 from pipeline.runtime.tracking import Tracker
 

@@ -14,13 +14,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models import build_model  # noqa: E402
-from pipeline.runtime import distributed  # noqa: E402
 from pipeline.config import arg_parser, parse_args  # noqa: E402
+from pipeline.data.shards import Manifest  # noqa: E402
+from pipeline.runtime import distributed  # noqa: E402
 from pipeline.runtime.engine import build_engine  # noqa: E402
 from pipeline.runtime.exports import resolve_checkpoint  # noqa: E402
-from pipeline.data.shards import Manifest  # noqa: E402
-from pipeline.train import resolve_config  # noqa: E402
 from pipeline.runtime.stage import exit_now, release_process_group
+from pipeline.train import resolve_config  # noqa: E402
 
 
 def fixed_batch(n_token: int) -> torch.Tensor:

@@ -6,12 +6,16 @@ import math
 import pytest
 import torch
 
-from models.modules.attention import (AbsoluteAttention, RelLearnableAttention, RelPartialLearnableAttention, causal_mask,
-                              same_length_window)
+from models.modules.attention import (
+    AbsoluteAttention,
+    RelLearnableAttention,
+    RelPartialLearnableAttention,
+    causal_mask,
+    same_length_window,
+)
 from models.modules.positions import rel_shift, relative_distances, sinusoid
+
 from naive_positions import naive_sinusoid
-
-
 
 
 def test_sinusoid_matches_formula():

@@ -18,9 +18,9 @@ import torch
 from models import build_model
 from models.config import ModelConfig
 from models.transformer_xl import TXLMemory
-from pipeline.runtime import checkpoint as ckpt
 from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.data.shards import Manifest, SplitInfo, write_shard
+from pipeline.runtime import checkpoint as ckpt
 
 
 def make_manifest(root: Path, tokens: int = 300, vocab: int = 40) -> Manifest:
@@ -204,5 +204,6 @@ def test_checkpoint_meta_refuses_missing_and_unknown_keys(tmp_path):
     raw = json.loads(path.read_text())
     assert ckpt.load_meta(tmp_path / "global_step4") == _meta(4)
     path.write_text(json.dumps({**{k: v for k, v in raw.items() if k != "world_size"}, "extra": 1}))
-    with pytest.raises(ckpt.CheckpointError, match=r"meta.json: missing keys \['world_size'\], unknown keys \['extra'\]"):
+    expected = r"meta.json: missing keys \['world_size'\], unknown keys \['extra'\]"
+    with pytest.raises(ckpt.CheckpointError, match=expected):
         ckpt.load_meta(tmp_path / "global_step4")

@@ -12,6 +12,7 @@ import pytest
 from pipeline.config import DataConfig
 from pipeline.data.corpora import SPLITS, CorpusError, open_corpus, text8_normalise
 from pipeline.data.corpora.base import hash_split, line_boundaries
+
 from corpus_fixtures import LM1B_TOP, make_bytes_file, make_lm1b, make_ptb, make_text, make_wt103
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,8 @@ def test_non_utf8_names_file_and_offset_unless_replace(tmp_path):
     path.write_bytes(raw[:bad_at] + b"\xff\xfe" + raw[bad_at:])
     corpus = open_corpus(data(corpus="wt103", path=str(root), unit_bytes=64))
     units = corpus.plan()["valid"]
-    with pytest.raises(CorpusError, match=rf"wiki.valid.tokens: invalid UTF-8 at byte offset {bad_at} .*data.errors=replace"):
+    expected = rf"wiki.valid.tokens: invalid UTF-8 at byte offset {bad_at} .*data.errors=replace"
+    with pytest.raises(CorpusError, match=expected):
         for u in units:
             corpus.read_text(u)
     lenient = open_corpus(data(corpus="wt103", path=str(root), unit_bytes=64, errors="replace"))

@@ -19,10 +19,11 @@ import torch
 
 from models import ModelConfig, build_model
 from pipeline.config import load_config, to_dict
-from pipeline.evaluate import EvalError, evaluate, metrics
-from pipeline.runtime.exports import ExportError, save_export
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
+from pipeline.evaluate import EvalError, evaluate, metrics
+from pipeline.runtime.exports import ExportError, save_export
+
 from train_fixtures import REPO, launch, make_shards
 
 CONFIG = REPO / "configs" / "tiny.yaml"

@@ -16,9 +16,10 @@ from safetensors import safe_open
 
 from models import ModelConfig, build_model
 from pipeline.config import load_config, to_dict
+from pipeline.data.tokenizers import load_tokenizer
 from pipeline.export import load_export
 from pipeline.runtime.exports import ExportError, save_export
-from pipeline.data.tokenizers import load_tokenizer
+
 from train_fixtures import PY, REPO, TINY, clean_env, launch, make_shards
 
 CONFIG = REPO / "configs" / "tiny.yaml"

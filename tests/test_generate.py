@@ -11,11 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import ModelConfig, build_model
 from pipeline.config import load_config, to_dict
-from pipeline.export import load_export
-from pipeline.runtime.exports import save_export
-from pipeline.generate import CachedLM, generate, main, run, sample
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
+from pipeline.export import load_export
+from pipeline.generate import CachedLM, generate, main, run, sample
+from pipeline.runtime.exports import save_export
+
 from train_fixtures import REPO, make_shards
 
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -30,7 +31,8 @@ def export_of(shards: Path, out: Path, **model) -> Path:
     cfg.model = ModelConfig(**{**dict(n_token=256, n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64,
                                       dropout=0.0, tgt_len=8, mem_len=32, init_std=0.3), **model})
     save_export(build_model(cfg.model), to_dict(cfg), load_tokenizer(shards), out,
-                {"step": 1, "tag": "global_step1", "mlflow_run_id": None, "manifest_sha256": Manifest.load(shards).sha256()})
+                {"step": 1, "tag": "global_step1", "mlflow_run_id": None,
+                 "manifest_sha256": Manifest.load(shards).sha256()})
     return out
 
 

@@ -55,7 +55,8 @@ def test_schedule_state_round_trip():
 
 
 def test_sgd_momentum():
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainConfig(optimizer="sgd", momentum=0.99), on_cuda=False)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainConfig(optimizer="sgd", momentum=0.99),
+                          on_cuda=False)
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.99
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corpus_fixtures import (make_bytes_file, make_lm1b, make_ptb, make_text, make_wt103, ref_encode,
-                             ref_vocab)
 from pipeline.config import load_config
 from pipeline.data.corpora import CorpusError
-from pipeline.prepare import PrepareError, main, prepare
 from pipeline.data.shards import Manifest, ShardError, ShardReader, SplitTokens
 from pipeline.data.tokenizers import TokenizerError, load_tokenizer
+from pipeline.prepare import PrepareError, main, prepare
+
+from corpus_fixtures import make_bytes_file, make_lm1b, make_ptb, make_text, make_wt103, ref_encode, ref_vocab
 
 SPLITS = ("train", "valid", "test")
 
@@ -300,7 +300,8 @@ def test_array_tasks_wait_for_task_0_to_build_the_tokenizer(wt103, tmp_path):
 def test_task_ranges_are_disjoint_and_cover(wt103):
     from pipeline.data.corpora import open_corpus
     from pipeline.prepare import task_units
-    plan = open_corpus(load_config(None, ["data.corpus=wt103", f"data.path={wt103}", "data.unit_bytes=300"]).data).plan()
+    cfg = load_config(None, ["data.corpus=wt103", f"data.path={wt103}", "data.unit_bytes=300"])
+    plan = open_corpus(cfg.data).plan()
     every = [(u.split, u.index) for s in SPLITS for u in plan[s]]
     for n in (1, 2, 3, 7, 50):
         got = [(u.split, u.index) for t in range(n) for u in task_units(plan, t, n)]

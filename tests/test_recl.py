@@ -10,8 +10,17 @@ import torch
 
 from models import ModelConfig, build_model
 from models.vanilla import sliding_window_nll
-from pipeline.evaluation.recl import (ReclError, context_losses, format_table, plot_table, recl, recl_table, relative_gain,
-                           sample_positions, top_positions)
+from pipeline.evaluation.recl import (
+    ReclError,
+    context_losses,
+    format_table,
+    plot_table,
+    recl,
+    recl_table,
+    relative_gain,
+    sample_positions,
+    top_positions,
+)
 
 C = [100, 200, 300, 400]
 

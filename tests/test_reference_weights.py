@@ -169,8 +169,8 @@ def ref_shards(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def test_import_reference_makes_an_export_the_pipeline_evaluates(ref_shards, tmp_path):
-    from pipeline.evaluate import evaluate
     from pipeline.config import load_config
+    from pipeline.evaluate import evaluate
     from pipeline.export import load_export
     from pipeline.import_reference import main
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from models import build_model
-from models.config import ModelConfig
 from models.base import span_keeping_mem_len
-from pipeline.evaluation.scoring import eval_lengths, score_split, summarize
+from models.config import ModelConfig
 from pipeline.data.shards import Manifest, SplitInfo, write_shard
+from pipeline.evaluation.scoring import eval_lengths, score_split, summarize
 
 N_TOKEN = 50
 

@@ -389,7 +389,8 @@ def test_bad_inputs_name_the_values(tmp_path):
     make_split(tmp_path, random_tokens(1000))
     with pytest.raises(StreamError, match=r"n_streams=12 is not divisible by world_size=2 × micro_batches=4 = 8"):
         open_streams(tmp_path, "train", n_streams=12, tgt_len=4, world_size=2, micro_batches=4)
-    with pytest.raises(StreamError, match=r"split 'train' has 1000 tokens; n_streams=8 × tgt_len=200 needs at least 1601"):
+    too_short = r"split 'train' has 1000 tokens; n_streams=8 × tgt_len=200 needs at least 1601"
+    with pytest.raises(StreamError, match=too_short):
         open_streams(tmp_path, "train", n_streams=8, tgt_len=200)
     with pytest.raises(ShardError, match=r"split 'test' is not in the manifest; it has \['train'\]"):
         open_streams(tmp_path, "test", n_streams=8, tgt_len=4)

@@ -10,11 +10,28 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from corpus_fixtures import file_lines, ref_encode, ref_vocab
 from pipeline.data.shards import Manifest, SplitInfo
-from pipeline.data.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenizer, TokenizerError, UnknownSymbolError,
-                                 WordVocab, load_tokenizer, read_tokenizer, save_tokenizer, train_sentencepiece)
-from pipeline.data.tokenizers.word_vocab import CountMerger, count_chars, count_words, read_vocab_file, vocab_from_counts
+from pipeline.data.tokenizers import (
+    ByteTokenizer,
+    CharVocab,
+    SentencePieceTokenizer,
+    TokenizerError,
+    UnknownSymbolError,
+    WordVocab,
+    load_tokenizer,
+    read_tokenizer,
+    save_tokenizer,
+    train_sentencepiece,
+)
+from pipeline.data.tokenizers.word_vocab import (
+    CountMerger,
+    count_chars,
+    count_words,
+    read_vocab_file,
+    vocab_from_counts,
+)
+
+from corpus_fixtures import file_lines, ref_encode, ref_vocab
 
 # Ties (b/c/a each twice, in that first-occurrence order), an empty line, a blank line, upper case,
 # unicode whitespace the reference's str.split() also splits on, a literal <unk>.

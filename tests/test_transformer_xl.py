@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from models import ModelConfig, build_model
 from models.modules.attention import causal_mask
 from models.transformer_xl import TransformerXL, TXLMemory
+
 from naive_positions import naive_sinusoid
 
 V = 50
@@ -164,7 +165,7 @@ def test_eval_with_longer_memory_than_training():
 def test_ablation_variants_have_their_parameters_and_run():
     names = {at: {n.split(".")[-1] for n, _ in tiny(attn_type=at).named_parameters()}
              for at in ("relative", "shaw", "absolute")}
-    assert {"r_net", "r_emb", "r_bias"}.isdisjoint({n for n in names["absolute"]}) and "r_w_bias" not in names["absolute"]
+    assert {"r_net", "r_emb", "r_bias"}.isdisjoint(names["absolute"]) and "r_w_bias" not in names["absolute"]
     assert {"r_emb", "r_bias", "r_w_bias"} <= names["shaw"] and "r_r_bias" not in names["shaw"]
     rel = dict(tiny().named_parameters())
     assert "r_w_bias" in rel and "r_r_bias" in rel and "layers.0.dec_attn.r_net.weight" in rel
@@ -211,7 +212,9 @@ def test_initialisation_follows_the_reference():
         assert abs(std(p) - 0.01) < 0.002
     ln = attn.layer_norm.weight
     assert abs(ln.mean().item() - 1.0) < 0.03 and 0.02 < std(ln) < 0.08  # N(1, init_std), not constant 1
-    for b in (attn.layer_norm.bias, model.layers[0].pos_ff.ff1.bias, model.crit.out_layers[0].bias, model.crit.cluster_bias):
+    biases = (attn.layer_norm.bias, model.layers[0].pos_ff.ff1.bias, model.crit.out_layers[0].bias,
+              model.crit.cluster_bias)
+    for b in biases:
         assert torch.count_nonzero(b) == 0
     uni = tiny(init="uniform", init_range=0.1)
     w = uni.layers[0].dec_attn.qkv_net.weight

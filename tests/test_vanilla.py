@@ -64,7 +64,8 @@ def hand_terms(model, outs, y):
     n = model.cfg.n_layer
     nxt = {l: naive_nll(outs[l - 1], model.train_heads["next"][l - 1], y).mean() for l in range(1, n)}
     nxt[n] = naive_nll(outs[n - 1], model.head, y).mean()
-    nn2 = {l: naive_nll(outs[l - 1][:, :-1], model.train_heads["next_next"][l - 1], y[:, 1:]).mean() for l in range(1, n + 1)}
+    nn2 = {l: naive_nll(outs[l - 1][:, :-1], model.train_heads["next_next"][l - 1], y[:, 1:]).mean()
+           for l in range(1, n + 1)}
     return nxt, nn2
 
 
@@ -75,7 +76,9 @@ def test_schedule_is_l_over_2n_as_float(n):
     m = VanillaTransformer.__new__(VanillaTransformer)  # schedule only: no weights needed
     torch.nn.Module.__init__(m)
     m.cfg, m.vcfg, m.progress = tiny_cfg(n_layer=n), VanillaConfig(), 0.0
-    for p in [0.0, 1e-9, 0.01, 1 / (4 * n), 1 / (2 * n), 1 / (2 * n) + 1e-12, 0.1, 0.25, 0.3, 0.49, 0.499999, 0.5, 0.7, 1.0]:
+    fractions = [0.0, 1e-9, 0.01, 1 / (4 * n), 1 / (2 * n), 1 / (2 * n) + 1e-12, 0.1, 0.25, 0.3, 0.49, 0.499999, 0.5,
+                 0.7, 1.0]
+    for p in fractions:
         m.set_progress(p)
         expect = [l for l in range(1, n) if p * 2 * n < l]  # progress < l / (2n)
         assert m.active_intermediate_layers() == expect, p

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.runtime import distributed  # noqa: E402
 from pipeline.config import TrackingConfig  # noqa: E402
+from pipeline.runtime import distributed  # noqa: E402
 from pipeline.runtime.tracking import Tracker  # noqa: E402
 
 

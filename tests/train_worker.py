@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.runtime import distributed  # noqa: E402
 from pipeline.config import arg_parser, parse_args  # noqa: E402
-from pipeline.train import Hooks, train  # noqa: E402
+from pipeline.runtime import distributed  # noqa: E402
 from pipeline.runtime.stage import exit_now, release_process_group
+from pipeline.train import Hooks, train  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -21,15 +21,16 @@ from typing import Callable, Optional
 import torch
 
 from models import LanguageModel
-from pipeline.runtime import distributed
 from pipeline.data.streams import open_streams
+from pipeline.runtime import distributed
 
 
 def unwrap(model) -> LanguageModel:
     """The family behind a DeepSpeed engine (its ``module``), or the model itself."""
     module = model if isinstance(model, LanguageModel) else getattr(model, "module", model)
     if not isinstance(module, LanguageModel):
-        raise TypeError(f"expected a models.LanguageModel or a DeepSpeed engine around one, got {type(module).__name__}")
+        raise TypeError(f"expected a models.LanguageModel or a DeepSpeed engine around one, "
+                        f"got {type(module).__name__}")
     return module
 
 

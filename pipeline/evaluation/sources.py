@@ -12,15 +12,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipeline.common import XlpipeError
-from pipeline.runtime import distributed
+from pipeline.common import XlpipeError, atomic_write_bytes
 from pipeline.config import EvalConfig
-from pipeline.runtime.exports import load_export
-from pipeline.runtime.exports import is_export, load_checkpoint_model, resolve_checkpoint, run_dir_of
-from pipeline.evaluation.scoring import score_split
 from pipeline.data.shards import Manifest
-from pipeline.common import atomic_write_bytes
 from pipeline.data.streams import StreamLayout
+from pipeline.evaluation.scoring import score_split
+from pipeline.runtime import distributed
+from pipeline.runtime.exports import is_export, load_checkpoint_model, load_export, resolve_checkpoint, run_dir_of
 
 BPC_KINDS = ("char", "byte")
 

@@ -31,9 +31,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.runtime import distributed
-from pipeline.data.shards import Manifest
 from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json, dataclass_from_json, read_versioned_json
+from pipeline.data.shards import Manifest
+from pipeline.runtime import distributed
 
 log = logging.getLogger(__name__)
 

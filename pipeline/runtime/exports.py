@@ -33,8 +33,16 @@ from typing import Optional
 
 import torch
 
-from pipeline.common import (DTYPES, XlpipeError, atomic_write_bytes, atomic_write_json, dataclass_from_json,
-                             git_commit, read_versioned_json, sha256_file)
+from pipeline.common import (
+    DTYPES,
+    XlpipeError,
+    atomic_write_bytes,
+    atomic_write_json,
+    dataclass_from_json,
+    git_commit,
+    read_versioned_json,
+    sha256_file,
+)
 from pipeline.config import ConfigError, load_config
 from pipeline.data.tokenizers import TokenizerError, read_tokenizer
 
@@ -97,7 +105,6 @@ def load_checkpoint_model(checkpoint: str | Path, device: str | torch.device = "
                           dtype: Optional[torch.dtype] = None):
     """``(model, meta)``: a plain ``models`` module with a checkpoint's consolidated fp32 weights."""
     from models import build_model
-
     from pipeline.runtime import checkpoint as ckpt
 
     path = resolve_checkpoint(checkpoint)

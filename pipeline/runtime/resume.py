@@ -16,11 +16,11 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from pipeline.config import Config, to_dict
+from pipeline.data.shards import Manifest
 from pipeline.runtime import checkpoint as ckpt
 from pipeline.runtime import distributed
-from pipeline.config import Config, to_dict
 from pipeline.runtime.engine import fast_forward_schedule, retarget_schedule
-from pipeline.data.shards import Manifest
 from pipeline.runtime.rank_state import RankState, load_states
 
 log = logging.getLogger("pipeline.train")

@@ -39,10 +39,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from pipeline.common import XlpipeError
-from pipeline.common import git, git_commit
-from pipeline.runtime import distributed
+from pipeline.common import XlpipeError, git, git_commit
 from pipeline.config import TrackingConfig, flatten
+from pipeline.runtime import distributed
 
 log = logging.getLogger(__name__)
 

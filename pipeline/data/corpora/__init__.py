@@ -20,9 +20,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from pipeline.common import atomic_write_bytes
-
-from pipeline.data.corpora.base import (README, REFERENCE_BYTES, REFERENCE_HELDOUT, SPLITS, Corpus, CorpusError, Piece,
-                                  TokenizerDefaults, Unit, decode, file_piece, missing_error, read_range)
+from pipeline.data.corpora.base import (
+    README,
+    REFERENCE_BYTES,
+    REFERENCE_HELDOUT,
+    SPLITS,
+    Corpus,
+    CorpusError,
+    Piece,
+    TokenizerDefaults,
+    Unit,
+    decode,
+    file_piece,
+    missing_error,
+    read_range,
+)
 from pipeline.data.corpora.text import Stdlib, TextFiles
 
 if TYPE_CHECKING:  # the config module imports torch (via models); the text8 CLI does not need it
@@ -105,7 +117,8 @@ class LM1B(Corpus):
             raise CorpusError(f"lm1b: data.lm1b_valid_shard={k} is not a heldout shard (1..49)")
         train = sorted((self.base() / self.TRAIN).glob("news.en-*-of-00100"))
         if not train:
-            raise missing_error(self.name, self.base(), [f"{self.TRAIN}/news.en-000NN-of-00100"], "One Billion Word (lm1b)")
+            raise missing_error(self.name, self.base(), [f"{self.TRAIN}/news.en-000NN-of-00100"],
+                                "One Billion Word (lm1b)")
         out = {"train": train, "valid": [self.heldout(k)], "test": [self.heldout(0)]}
         for split in ("valid", "test"):
             if not out[split][0].is_file():

@@ -9,8 +9,20 @@ import sysconfig
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from pipeline.data.corpora.base import (GLOB_MAGIC, README, SPLITS, Corpus, CorpusError, Piece, TokenizerDefaults, Unit,
-                                  decode, hash_split, line_boundaries, read_range)
+from pipeline.data.corpora.base import (
+    GLOB_MAGIC,
+    README,
+    SPLITS,
+    Corpus,
+    CorpusError,
+    Piece,
+    TokenizerDefaults,
+    Unit,
+    decode,
+    hash_split,
+    line_boundaries,
+    read_range,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig

@@ -12,13 +12,28 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline.common import atomic_write_json, sha256_file
 from pipeline.config import TokenizerConfig
 from pipeline.data.corpora import SPLITS, Corpus, Unit
-from pipeline.data.prepare.units import PrepareError, count_task, cpu_count, map_ordered, progress_bar, sha_json, unit_text
+from pipeline.data.prepare.units import (
+    PrepareError,
+    count_task,
+    cpu_count,
+    map_ordered,
+    progress_bar,
+    sha_json,
+    unit_text,
+)
 from pipeline.data.shards import MANIFEST
-from pipeline.common import atomic_write_json, sha256_file
-from pipeline.data.tokenizers import (ByteTokenizer, CharVocab, SentencePieceTokenizer, Tokenizer, read_tokenizer,
-                                 save_tokenizer, train_sentencepiece)
+from pipeline.data.tokenizers import (
+    ByteTokenizer,
+    CharVocab,
+    SentencePieceTokenizer,
+    Tokenizer,
+    read_tokenizer,
+    save_tokenizer,
+    train_sentencepiece,
+)
 from pipeline.data.tokenizers.word_vocab import CountMerger, WordVocab, read_vocab_file, vocab_from_counts
 
 log = logging.getLogger("xlpipe.prepare")
@@ -167,7 +182,8 @@ def tokenizer_step(out: Path, corpus: Corpus, spec: TokenizerSpec, plan: dict[st
         try:
             rec = json.loads(failed.read_text())
             job = os.environ.get("SLURM_ARRAY_JOB_ID", "")
-            if rec.get("fingerprint") == fp and (failed.stat().st_mtime >= started - 1 or (job and rec.get("job") == job)):
+            recent = failed.stat().st_mtime >= started - 1 or (job and rec.get("job") == job)
+            if rec.get("fingerprint") == fp and recent:
                 raise PrepareError(f"task 0 failed to build the tokenizer: {rec.get('error')}")
         except (OSError, json.JSONDecodeError):
             pass

@@ -18,10 +18,9 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.common import XlpipeError
+from pipeline.common import XlpipeError, atomic_write_json
 from pipeline.data.corpora import Corpus, CorpusError, Unit
 from pipeline.data.shards import shard_name, write_shard
-from pipeline.common import atomic_write_json
 from pipeline.data.tokenizers import ByteTokenizer, Tokenizer, UnknownSymbolError
 from pipeline.data.tokenizers.word_vocab import count_chars, count_words
 

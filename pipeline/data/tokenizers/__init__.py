@@ -19,8 +19,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.data.shards import MANIFEST, Manifest
 from pipeline.common import atomic_write_bytes, sha256_file
+from pipeline.data.shards import MANIFEST, Manifest
 from pipeline.data.tokenizers.base import SPM_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, UnknownSymbolError
 from pipeline.data.tokenizers.word_vocab import WordVocab
 
@@ -227,7 +227,8 @@ def tokenizer_from_json(obj: dict, directory: Path, threads: int = 0) -> Tokeniz
             raise TokenizerError(f"sentencepiece model {path} is missing")
         proto = path.read_bytes()
         if hashlib.sha256(proto).hexdigest() != obj["model_sha256"]:
-            raise TokenizerError(f"sentencepiece model {path} does not match the sha256 in {directory / TOKENIZER_FILE}")
+            raise TokenizerError(f"sentencepiece model {path} does not match the sha256 in "
+                                 f"{directory / TOKENIZER_FILE}")
         tok = SentencePieceTokenizer(proto, threads)
     else:
         raise TokenizerError(f"{directory / TOKENIZER_FILE}: unknown tokenizer kind {kind!r}")

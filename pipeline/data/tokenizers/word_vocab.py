@@ -1,8 +1,9 @@
-"""Word vocabularies (counting, building, ``WordVocab``). They follow the Transformer-XL reference (``Vocab`` in kimiyoung/transformer-xl):
-lines are split on whitespace after ``strip`` (and ``lower`` when asked); the vocabulary is the
-specials, then ``Counter.most_common`` of the counted words (frequency-descending, ties in
-first-occurrence order), cut by ``max_size`` and ``min_freq``; ``<eos>`` ends every line (empty
-lines too); unknown words map to the unk symbol when the vocabulary has one, else they are an error.
+"""Word vocabularies (counting, building, ``WordVocab``). They follow the Transformer-XL reference
+(``Vocab`` in kimiyoung/transformer-xl): lines are split on whitespace after ``strip`` (and
+``lower`` when asked); the vocabulary is the specials, then ``Counter.most_common`` of the counted
+words (frequency-descending, ties in first-occurrence order), cut by ``max_size`` and ``min_freq``;
+``<eos>`` ends every line (empty lines too); unknown words map to the unk symbol when the vocabulary
+has one, else they are an error.
 """
 from __future__ import annotations
 
