@@ -30,6 +30,18 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_files(directory: str | Path, files: dict[str, str], listed_in: str | Path, error: type[Exception],
+                what: str, fix: str) -> None:
+    """Every ``{name: sha256}`` of ``files`` is under ``directory`` with that hash; otherwise ``error``
+    naming the file, the list it is in (``listed_in``) and the ``fix``."""
+    for name, sha in files.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise error(f"{what}{path} (listed in {listed_in}) is missing")
+        if sha256_file(path) != sha:
+            raise error(f"{what}{path} does not match the sha256 in {listed_in}: {fix}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from pipeline.common import (
     XlpipeError,
     atomic_write_bytes,
     atomic_write_json,
+    check_files,
     dataclass_from_json,
     git_commit,
     read_versioned_json,
@@ -257,13 +258,8 @@ def load_export(directory: str | Path, device: str | torch.device = "cpu", dtype
     directory = Path(directory)
     meta = read_meta(directory)
     if verify:
-        for name, sha in meta.files.items():
-            f = directory / name
-            if not f.is_file():
-                raise ExportError(f"{f} (listed in {directory / META}) is missing")
-            if sha256_file(f) != sha:
-                raise ExportError(f"{f} does not match its sha256 in {directory / META}: the export was changed "
-                                  f"or truncated; export it again")
+        check_files(directory, meta.files, directory / META, ExportError, "",
+                    "the export was changed or truncated; export it again")
     try:
         cfg = load_config(directory / CONFIG)
     except ConfigError as exc:

@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.common import atomic_write_bytes, sha256_file
+from pipeline.common import atomic_write_bytes, check_files
 from pipeline.data.shards import MANIFEST, Manifest
 from pipeline.data.tokenizers.base import SPM_FILE, TOKENIZER_FILE, Tokenizer, TokenizerError, UnknownSymbolError
 from pipeline.data.tokenizers.word_vocab import WordVocab
@@ -256,13 +256,8 @@ def load_tokenizer(shard_dir: str | Path, manifest: Optional[Manifest] = None, t
     shard_dir = Path(shard_dir)
     manifest = manifest if manifest is not None else Manifest.load(shard_dir)
     files = manifest.tokenizer.get("files") or {manifest.tokenizer["file"]: manifest.tokenizer["sha256"]}
-    for name, sha in files.items():
-        path = shard_dir / name
-        if not path.is_file():
-            raise TokenizerError(f"tokenizer file {path} (listed in {shard_dir / MANIFEST}) is missing")
-        if sha256_file(path) != sha:
-            raise TokenizerError(f"tokenizer file {path} does not match the sha256 in {shard_dir / MANIFEST}: "
-                                 f"it was changed after prepare; re-run prepare (--force) to rebuild both")
+    check_files(shard_dir, files, shard_dir / MANIFEST, TokenizerError, "tokenizer file ",
+                "it was changed after prepare; re-run prepare (--force) to rebuild both")
     tok = read_tokenizer(shard_dir, threads)
     if tok.vocab_size != manifest.tokenizer["vocab_size"]:
         raise TokenizerError(f"{shard_dir / TOKENIZER_FILE}: vocab size {tok.vocab_size}, "
