@@ -20,7 +20,7 @@ from pipeline.config import Config, arg_parser, parse_args
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
 from pipeline.runtime.exports import (
-    ExportError,
+    check_output,
     consolidate,
     load_export,
     load_weights,
@@ -62,8 +62,7 @@ def export(cfg: Config) -> Path:
     ckpt.check_manifest(meta.manifest, manifest, cfg.data.output, path)
     tokenizer = load_tokenizer(cfg.data.output, manifest)
     out = Path(e.output) if e.output else run_dir_of(path) / "export" / path.name
-    if out.exists() and not e.overwrite:
-        raise ExportError(f"{out} exists; choose another export.output or set export.overwrite=true")
+    check_output(out, e.overwrite)      # before consolidating: a refused output costs nothing
 
     t0 = time.perf_counter()
     model = build_model(model_config(meta.config))

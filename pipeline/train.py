@@ -310,6 +310,8 @@ class Run:
             precision=t.precision)
         path = ckpt.save(self.engine, t.output, rank_state, meta, t.keep_last)
         self.summary["checkpoint"] = str(path)
+        if self.rank == 0:
+            log.info("step %d | saved %s", self.step, path)
         return path
 
     def preempted(self) -> None:

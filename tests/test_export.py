@@ -121,6 +121,32 @@ def test_bf16_export_and_integrity_checks(shards, tmp_path):
         save_export(model, config_dict(shards, model.cfg), load_tokenizer(shards), tmp_path / "b", INFO)
 
 
+def test_overwrite_replaces_only_an_export_of_ours(shards, tmp_path):
+    model = adaptive_txl()
+
+    def save(out, step=3):
+        return save_export(model, config_dict(shards, model.cfg), load_tokenizer(shards), out, INFO | {"step": step},
+                           overwrite=True)
+
+    save(tmp_path / "e")
+    save(tmp_path / "e", step=4)                                # an export of ours: replaced
+    assert load_export(tmp_path / "e")[2].step == 4
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=r"replaces only an export written by xlpipe, and .*mine is not one"):
+        save(notes)
+    plain = tmp_path / "file.bin"
+    plain.write_bytes(b"data")
+    with pytest.raises(ExportError, match="file.bin exists and is not an export directory"):
+        save(plain)
+    (tmp_path / "e" / "notes.txt").write_text("mine too")
+    with pytest.raises(ExportError, match=r"also holds \['notes.txt'\], which export.overwrite would delete"):
+        save(tmp_path / "e")
+    assert (notes / "notes.txt").read_text() == "keep me" and plain.read_bytes() == b"data"
+    assert (tmp_path / "e" / "notes.txt").read_text() == "mine too" and not list(tmp_path.glob(".*tmp*"))
+
+
 def test_a_failed_export_leaves_nothing(shards, tmp_path):
     model = adaptive_txl()
 

@@ -202,6 +202,30 @@ def test_checkpoint_files_and_pruning(runs):
     assert [t for _, t in list_tags(runs.root / "prune" / "checkpoints")] == ["global_step9"]
 
 
+def test_a_crash_before_latest_moved_resumes_from_the_newest_complete_checkpoint(runs):
+    """The save window: global_step6 renamed into place, `latest` still naming global_step3. The
+    resumed run continues from step 6 (not 3), exactly as a resume from step 6 does, and its saves
+    move `latest` on."""
+    ref = runs.run("prune", ["train.zero_stage=2", "train.keep_last=1", "train.max_steps=9"], seed_from=("stage2", 6),
+                   record=False)
+    dst = runs.root / "window" / "checkpoints"
+    dst.mkdir(parents=True)
+    for step in (3, 6):
+        shutil.copytree(runs.ckpt("stage2", step), dst / f"global_step{step}")
+    (dst / "latest").write_text("global_step3\n")
+    res = runs.run("window", ["train.zero_stage=2", "train.max_steps=9"], record=False)
+    assert all(r["start_step"] == 6 for r in res)
+    assert res[0]["losses"] == ref[0]["losses"]
+    assert (dst / "latest").read_text().strip() == "global_step9"
+    # A step saved already (the window again, at the end) is kept and named by `latest`, never skipped silently.
+    (dst / "latest").write_text("global_step6\n")
+    out = launch(2, ["-m", "pipeline.train", *runs.args("window", ["train.zero_stage=2", "train.max_steps=9"])],
+                 cwd=REPO)
+    assert [rc for rc, _ in out] == [0, 0], out[0][1][-3000:]
+    assert "checkpoint" in out[0][1] and "exists already (complete); latest -> global_step9" in out[0][1]
+    assert (dst / "latest").read_text().strip() == "global_step9"
+
+
 # ----------------------------------------------------------------------------- preemption
 
 

@@ -19,6 +19,7 @@ Our files hold only tensors, numbers and strings and load with ``torch.load(weig
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -57,33 +58,58 @@ def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
+def is_complete(ckpt: Path) -> bool:
+    """Our meta file and every rank's file are there (a save renames the directory into place only
+    then, so anything else is a leftover or was damaged by hand)."""
+    meta = ckpt / OURS / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        world = int(json.loads(meta.read_text()).get("world_size", 0))
+    except (OSError, ValueError, AttributeError):
+        return False
+    return world > 0 and all((ckpt / OURS / f"rank{r}.pt").is_file() for r in range(world))
+
+
 def list_tags(root: str | Path) -> list[tuple[int, str]]:
-    """Complete checkpoints (those with our meta file), oldest first."""
+    """Complete checkpoints, oldest first."""
     root = Path(root)
     out = []
     if root.is_dir():
         for d in root.iterdir():
             m = _TAG.match(d.name)
-            if m and (d / OURS / "meta.json").is_file():
+            if m and is_complete(d):
                 out.append((int(m.group(1)), d.name))
     return sorted(out)
 
 
 def latest_tag(root: str | Path) -> Optional[str]:
-    """The tag in ``root/latest``; None when there is no checkpoint at all."""
+    """The newest complete checkpoint under ``root``; None when there is none.
+
+    ``root/latest`` is moved last by a save, so a crash between renaming ``global_stepN`` into place
+    and rewriting it leaves it one behind: the directories decide, and a stale ``latest`` is
+    repaired (rank 0 of a training run; readers only warn)."""
     root = Path(root)
-    pointer = root / "latest"
     tags = list_tags(root)
-    if not pointer.is_file():
-        if tags:
-            raise CheckpointError(f"{root} holds checkpoints {[t for _, t in tags]} but no 'latest' file; "
-                                  f"write the tag to resume from into {pointer}")
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if not tags:
+        if named:
+            raise CheckpointError(f"{pointer} names {named!r} but {root} holds no complete checkpoint; "
+                                  f"restore it, or remove {pointer} to start afresh")
         return None
-    tag = pointer.read_text().strip()
-    if not (root / tag / OURS / "meta.json").is_file():
-        raise CheckpointError(f"{pointer} names {tag!r}, which is not a complete checkpoint under {root}; "
-                              f"complete ones: {[t for _, t in tags] or 'none'}")
+    tag = tags[-1][1]
+    if named != tag:
+        log.warning("%s names %s but the newest complete checkpoint is %s; using %s", pointer,
+                    named or "nothing", tag, tag)
     return tag
+
+
+def point_latest(root: Path, tag: str) -> None:
+    """``root/latest`` names ``tag`` (written atomically; DeepSpeed's tools read it too)."""
+    pointer = root / "latest"
+    if not pointer.is_file() or pointer.read_text().strip() != tag:
+        atomic_write_bytes(pointer, (tag + "\n").encode())
 
 
 # ----------------------------------------------------------------------------- per-rank state
@@ -250,8 +276,18 @@ def save(engine, output: str | Path, rank_state: dict, meta: CheckpointMeta, kee
     tag = meta.tag
     final = root / tag
     rank = distributed.get_rank()
-    if distributed.broadcast_object(final.exists() if rank == 0 else None):
-        return final                                   # saved already at this step (periodic + final)
+    exists = distributed.broadcast_object((final.exists(), is_complete(final)) if rank == 0 else None)
+    if exists[0]:
+        if not exists[1]:
+            raise CheckpointError(f"{final} exists but is not a complete checkpoint (no meta.json or a rank's "
+                                  f"file missing); move it away and train again to save step {meta.step}")
+        # Saved already at this step (a periodic save and the final one, or a run that crashed after
+        # the rename): the same state, so keep it, and make sure `latest` names it.
+        if rank == 0:
+            point_latest(root, tag)
+            log.info("checkpoint %s exists already (complete); latest -> %s", final, tag)
+        distributed.barrier()
+        return final
     staging = root / ".tmp"
     if rank == 0:
         shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a crashed save
@@ -274,7 +310,7 @@ def save(engine, output: str | Path, rank_state: dict, meta: CheckpointMeta, kee
         os.replace(staging / tag, final)
         for script in staging.glob("*.py"):          # DeepSpeed's zero_to_fp32.py & co, beside the tags
             os.replace(script, root / script.name)
-        atomic_write_bytes(root / "latest", (tag + "\n").encode())
+        point_latest(root, tag)
         prune(root, keep_last, keep=tag)
     distributed.barrier()
     return final

@@ -192,8 +192,7 @@ def save_export(model: torch.nn.Module, config: dict, tokenizer, out: str | Path
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists; choose another export.output or set export.overwrite=true")
+    check_output(out, overwrite)
     if next(model.parameters()).dtype != DTYPES[dtype]:
         model = copy.deepcopy(model).to(DTYPES[dtype])     # the caller's model keeps its dtype
     state = model.inference_state_dict()
@@ -227,6 +226,27 @@ def save_export(model: torch.nn.Module, config: dict, tokenizer, out: str | Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """An export may go to ``out``: nothing is there, or (with ``overwrite``) an export of ours and
+    nothing else — a user's file or directory is never replaced."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise ExportError(f"{out} exists; choose another export.output or set export.overwrite=true")
+    if out.is_symlink() or not out.is_dir():
+        raise ExportError(f"{out} exists and is not an export directory; export.overwrite replaces only an "
+                          f"export written by xlpipe: choose another export.output")
+    try:
+        meta = read_meta(out)
+    except ExportError as exc:
+        raise ExportError(f"export.overwrite replaces only an export written by xlpipe, and {out} is not one "
+                          f"({exc}); choose another export.output") from None
+    foreign = sorted(p.name for p in out.iterdir() if p.name != META and p.name not in meta.files)
+    if foreign:
+        raise ExportError(f"{out} is an export but also holds {foreign}, which export.overwrite would delete; "
+                          f"move them away or choose another export.output")
 
 
 def _umask() -> int:
