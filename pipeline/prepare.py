@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -67,6 +68,7 @@ from pipeline.runtime.stage import run_stage
 
 log = logging.getLogger("xlpipe.prepare")
 STAGES = ("auto", "all", "tokenizer", "shards", "merge")
+_TEMP = re.compile(r"^\..+\.tmp\d+$")      # atomic_write_* temp files: .<name>.tmp<pid>
 
 
 # ----------------------------------------------------------------------------- shards step
@@ -189,7 +191,9 @@ def merge_step(out: Path, corpus: Corpus, spec: TokenizerSpec, plan: dict[str, l
 
 
 def _remove_stale(out: Path, plan: dict[str, list[Unit]]) -> None:
-    """Shards left by an earlier run with another unit plan (more units, or now-empty units)."""
+    """Shards left by an earlier run with another unit plan (more units, or now-empty units), and
+    the temp files of a killed run (every write is a temp file renamed into place, so a temp file
+    is never part of the output; at merge time no task is still writing)."""
     for split in SPLITS:
         keep = {shard_name(split, u.index) for u in plan[split]}
         for path in sorted((out / split).glob("shard-*")):
@@ -197,6 +201,10 @@ def _remove_stale(out: Path, plan: dict[str, list[Unit]]) -> None:
             if rel not in keep and path.suffix in (".tar", ".json"):
                 log.info("removing %s (not in the current unit plan)", path)
                 path.unlink()
+    for path in sorted([*out.glob(".*.tmp*"), *(p for s in SPLITS for p in (out / s).glob(".*.tmp*"))]):
+        if _TEMP.match(path.name) and path.is_file():
+            log.info("removing %s (left by an interrupted run)", path)
+            path.unlink()
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -5,12 +5,15 @@ Worker functions are top-level (they run in forked processes, state passed once 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -91,9 +94,32 @@ def _locate(corpus: Corpus, unit: Unit, line: int) -> str:
 _W: dict = {}
 
 
-def _init_worker(state: dict) -> None:
+def _init_worker(state: dict, parent: Optional[int] = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     _W.clear()
     _W.update(state)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker never outlives prepare, a ``kill -9`` of it included: the pool's pipes stay open in
+    the sibling workers, so nothing else would end them. Linux: the kernel sends SIGKILL when the
+    parent dies (PR_SET_PDEATHSIG); elsewhere, and for a parent gone before that took effect, a
+    thread that watches the parent's pid."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def count_task(unit: Unit) -> tuple[list[str], np.ndarray]:
@@ -128,7 +154,7 @@ def map_ordered(fn, args: list[tuple], state: dict, workers: int):
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
     ex = cf.ProcessPoolExecutor(max_workers=min(workers, len(args)), mp_context=ctx,
-                                initializer=_init_worker, initargs=(state,))
+                                initializer=_init_worker, initargs=(state, os.getpid()))
     try:
         futures = [ex.submit(fn, *a) for a in args]
         for fut in futures:
