@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from corpus_fixtures import make_wt103
-from train_fixtures import REPO, clean_env
+from train_fixtures import REPO, TINY, clean_env, launch, make_shards
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -71,3 +73,92 @@ def test_kill_9_of_prepare_leaves_no_worker_and_a_rerun_is_byte_identical(tmp_pa
         assert res.returncode == 0, res.stderr[-3000:]
     killed, clean = tree_digest(tmp_path / "killed"), tree_digest(tmp_path / "clean")
     assert killed == clean
+
+
+# ----------------------------------------------------------------------------- code planted in a checkpoint
+
+
+class Payload:
+    """What an attacker plants: unpickling it calls ``open(marker, "w")``, creating the marker."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=False)    # our own file: trusted here
+    state = state if isinstance(state, dict) else {"state": state}
+    state["innocent_looking_key"] = Payload(marker)
+    torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two 2-rank runs whose checkpoints hold every kind of file: ZeRO-2 bf16 (model states, the
+    bf16 optimizer's partitions, ours) and ZeRO-3 fp32 (partitioned model states, fp32 optimizer)."""
+    root = tmp_path_factory.mktemp("planted")
+    shards = make_shards(root / "data")
+    runs = {}
+    for name, extra in (("zero2-bf16", ["train.zero_stage=2", "train.precision=bf16"]),
+                        ("zero3-fp32", ["train.zero_stage=3"])):
+        args = ["--config", str(REPO / "configs" / "tiny.yaml"), f"data.output={shards}", *TINY,
+                f"train.output={root / name}", *extra, "train.max_steps=2", "train.save_every=0"]
+        for rc, text in launch(2, ["-m", "pipeline.train", *args], cwd=REPO):
+            assert rc == 0, text[-3000:]
+        runs[name] = (root / name, args)
+    return runs
+
+
+def checkpoint_copy(trained, run: str, name: Path) -> tuple[Path, list[str]]:
+    src, args = trained[run]
+    shutil.copytree(src, name)
+    return name, [a if not a.startswith("train.output=") else f"train.output={name}" for a in args]
+
+
+def test_every_kind_of_checkpoint_file_with_code_is_refused_by_name(trained, tmp_path):
+    from pipeline.runtime import checkpoint as ckpt
+
+    bf16, _ = checkpoint_copy(trained, "zero2-bf16", tmp_path / "bf16")
+    fp32, _ = checkpoint_copy(trained, "zero3-fp32", tmp_path / "fp32")
+    tags = {"bf16": bf16 / "checkpoints" / "global_step2", "fp32": fp32 / "checkpoints" / "global_step2"}
+    ckpt.make_universal(tags["bf16"])                                    # its files are a kind too
+    universal = next(p for p in sorted((tags["bf16"] / "universal").rglob("fp32.pt")))
+    kinds = {"model states": ("bf16", "mp_rank_00_model_states.pt"),
+             "bf16 optimizer": ("bf16", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+             "ours": ("bf16", "xlpipe/rank1.pt"),
+             "universal": ("bf16", universal.relative_to(tags["bf16"]).as_posix()),
+             "ZeRO-3 model states": ("fp32", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+             "optimizer": ("fp32", "zero_pp_rank_1_mp_rank_00_optim_states.pt")}
+    for tag in tags.values():
+        ckpt.check_plain(tag)                                             # as written: plain data
+    for kind, (run, rel) in kinds.items():
+        tag = tags[run]
+        assert (tag / rel).is_file(), kind
+        backup = tmp_path / "backup.pt"
+        shutil.copyfile(tag / rel, backup)
+        marker = tmp_path / f"ran-{kind.replace(' ', '-')}"
+        plant(tag / rel, marker)
+        with pytest.raises(ckpt.CheckpointError, match=rf"{rel} is not plain checkpoint data \(it calls io.open"):
+            ckpt.check_plain(tag)
+        assert not marker.exists(), kind
+        shutil.copyfile(backup, tag / rel)
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate", "export"])
+def test_a_planted_payload_runs_in_no_stage(trained, tmp_path, stage):
+    run, args = checkpoint_copy(trained, "zero2-bf16", tmp_path / "run")
+    tag = run / "checkpoints" / "global_step2"
+    marker = tmp_path / "payload-ran"
+    plant(tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    extra = {"train": ["train.max_steps=4"], "evaluate": [f"eval.source={run}", "eval.max_steps=1"],
+             "export": [f"export.source={run}", f"export.output={tmp_path / 'export'}"]}[stage]
+    world = 2 if stage == "train" else 1
+    out = launch(world, ["-m", f"pipeline.{stage}", *args, *extra], cwd=REPO)
+    for rc, text in out:
+        assert rc == 1, text[-3000:]
+        assert "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt is not plain checkpoint data" in text, text[-3000:]
+    assert not marker.exists()
+    assert not (tmp_path / "export").exists()

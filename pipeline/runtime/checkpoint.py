@@ -181,6 +181,47 @@ def _save_torch(path: Path, obj: Any) -> None:
         raise
 
 
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles beside tensors, containers and dtypes (found by listing the
+    globals of its checkpoints for every ZeRO stage and precision): its loss scalers (fp16/bf16
+    optimizer state), the ZeRO stage enum and fragment addresses. Nothing that can run code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_plain_file(path: Path, allowed: Optional[list] = None) -> None:
+    """``path`` unpickles with torch's weights-only unpickler (tensors, containers, numbers,
+    strings, and ``allowed``): no global outside that list is ever called. Memory-mapped, so the
+    tensors' bytes are not read; a pickle that would run code is refused naming the file."""
+    allowed = _deepspeed_globals() if allowed is None else allowed
+    try:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)      # a legacy (non-zip) file
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+        called = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        why = (f"it calls {called.group(1)}" if called
+               else (str(exc).splitlines() or [type(exc).__name__])[0])
+        raise CheckpointError(f"{path} is not plain checkpoint data ({why}); loading it could run code "
+                              f"from whoever wrote it, so it is refused. Use a checkpoint you trust, or "
+                              f"one written by this pipeline") from None
+
+
+def check_plain(ckpt: Path) -> None:
+    """Every torch file of a checkpoint directory (ours, DeepSpeed's, a universal conversion) is
+    plain data, before we or DeepSpeed (whose loaders unpickle with ``weights_only=False``) open it."""
+    allowed = _deepspeed_globals()
+    for path in sorted(Path(ckpt).rglob("*.pt")):
+        check_plain_file(path, allowed)
+
+
 def load_rank_file(ckpt: Path, rank: int) -> dict:
     path = ckpt / OURS / f"rank{rank}.pt"
     if not path.is_file():
@@ -346,6 +387,7 @@ def make_universal(ckpt: Path) -> Path:
 
     from deepspeed.checkpoint import ds_to_universal
 
+    check_plain(ckpt)                    # ds_to_universal unpickles with weights_only=False
     tmp = ckpt / f".{UNIVERSAL}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     args = Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
@@ -368,6 +410,7 @@ def consolidated_state_dict(ckpt: str | Path) -> dict:
     (stages 1-3 through DeepSpeed's zero_to_fp32, from the fp32 master partitions; stage 0 keeps
     whole weights in rank 0's file: with bf16/fp16 those are the half-precision module weights)."""
     ckpt = Path(ckpt)
+    check_plain(ckpt)                    # zero_to_fp32 unpickles with weights_only=False
     if load_meta(ckpt).zero_stage == 0:
         state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in state["module"].items()}

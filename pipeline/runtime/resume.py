@@ -48,6 +48,17 @@ def find_resume(cfg: Config, manifest: Manifest, world_size: int) -> Optional[Re
         raise ckpt.CheckpointError(f"{root} already holds checkpoints (latest {tag}) and train.resume=false; "
                                    f"resume (train.resume=true) or choose a new train.output")
     path = root / tag
+    # DeepSpeed unpickles its files with weights_only=False: rank 0 checks every file first, and
+    # every rank raises the same error.
+    refused = None
+    if distributed.is_main():
+        try:
+            ckpt.check_plain(path)
+        except ckpt.CheckpointError as exc:
+            refused = str(exc)
+    refused = distributed.broadcast_object(refused)
+    if refused:
+        raise ckpt.CheckpointError(refused)
     meta = ckpt.load_meta(path)
     ckpt.check_manifest(meta.manifest, manifest, cfg.data.output, path)
     saved = meta.config
