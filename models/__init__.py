@@ -17,14 +17,26 @@ REGISTRY = {
 }
 
 
+def family_class(family: str) -> type[LanguageModel]:
+    if family not in REGISTRY:
+        raise ValueError(f"model.family={family!r} is unknown; choose one of {sorted(REGISTRY)}")
+    module, cls = REGISTRY[family].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """The ``model`` section's values in the family's own terms; ValueError naming ``model.<key>``.
+    ``n_token`` 0 passes (the pipeline takes it from the shard manifest)."""
+    family_class(cfg.family).check_config(cfg)
+
+
 def build_model(cfg: ModelConfig) -> LanguageModel:
     """Build the model family named by ``cfg.family``."""
-    if cfg.family not in REGISTRY:
-        raise ValueError(f"model.family={cfg.family!r} is unknown; choose one of {sorted(REGISTRY)}")
+    cls = family_class(cfg.family)
     if cfg.n_token <= 0:
         raise ValueError("model.n_token must be set (the pipeline takes it from the shard manifest)")
-    module, cls = REGISTRY[cfg.family].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    return cls(cfg)                      # the constructor checks the config (check_config)
 
 
-__all__ = ["LanguageModel", "Memory", "ModelConfig", "ModelOutput", "VanillaConfig", "build_model", "REGISTRY"]
+__all__ = ["LanguageModel", "Memory", "ModelConfig", "ModelOutput", "VanillaConfig", "build_model",
+           "check_model_config", "family_class", "REGISTRY"]

@@ -71,6 +71,27 @@ class LanguageModel(nn.Module):
     suffix_targets: ClassVar[bool] = False
     caches_hidden: ClassVar[bool] = False
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse a ``ModelConfig`` this family cannot build, naming ``model.<key>``, the value and
+        the allowed range (ValueError). Families add their own rules to these shared ones."""
+        ranges = {"n_token": (0, None), "n_layer": (1, None), "d_model": (1, None), "n_head": (1, None),
+                  "d_head": (1, None), "d_inner": (1, None), "d_embed": (0, None), "tgt_len": (1, None),
+                  "mem_len": (0, None), "ext_len": (0, None), "clamp_len": (-1, None), "div_val": (1, None)}
+        for name, (lo, _) in ranges.items():
+            if getattr(cfg, name) < lo:
+                raise ValueError(f"model.{name}={getattr(cfg, name)} is out of range: it must be >= {lo}")
+        for name in ("dropout", "dropatt"):
+            if not 0.0 <= getattr(cfg, name) < 1.0:
+                raise ValueError(f"model.{name}={getattr(cfg, name)} is out of range: it must be in [0, 1)")
+        for name in ("init_std", "init_range", "proj_init_std"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(cfg, name)} is out of range: it must be > 0")
+        cut = list(cfg.cutoffs)
+        if cut and (cut != sorted(set(cut)) or cut[0] <= 0 or (cfg.n_token and cut[-1] >= cfg.n_token)):
+            raise ValueError(f"model.cutoffs={cut} must increase strictly within (0, n_token"
+                             f"{'=' + str(cfg.n_token) if cfg.n_token else ''})")
+
     def init_memory(self, batch_size: int, device=None) -> Memory:  # pragma: no cover - abstract
         raise NotImplementedError
 

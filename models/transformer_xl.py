@@ -99,9 +99,14 @@ class TransformerXL(LanguageModel):
     suffix_targets = True        # fewer targets than inputs score the last positions
     caches_hidden = True         # memory holds every layer's input: no recomputation
 
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        super().check_config(cfg)
+        _check_config(cfg)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        _check_config(cfg)
+        self.check_config(cfg)
         self.cfg = cfg
         self.n_token, self.n_layer, self.d_model = cfg.n_token, cfg.n_layer, cfg.d_model
         self.attn_type = cfg.attn_type

@@ -110,8 +110,11 @@ class VanillaTransformer(LanguageModel):
     suffix_targets = False                   # every input position takes a target
     caches_hidden = False                    # memory is tokens: every window is recomputed
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        super().check_config(cfg)
+        if cfg.vanilla.next_next_weight < 0:
+            raise ValueError(f"model.vanilla.next_next_weight={cfg.vanilla.next_next_weight} must be >= 0")
         if cfg.cutoffs:
             raise ValueError(f"model.cutoffs={cfg.cutoffs}: the vanilla family has a full softmax; "
                              f"set model.cutoffs=[]")
@@ -119,7 +122,12 @@ class VanillaTransformer(LanguageModel):
             raise ValueError(f"model.d_embed={cfg.d_embed}: the vanilla family needs d_embed 0 or "
                              f"d_model={cfg.d_model}")
         if cfg.tgt_len < 2 or cfg.n_layer < 1:
-            raise ValueError(f"vanilla model needs tgt_len >= 2 and n_layer >= 1, got {cfg.tgt_len} and {cfg.n_layer}")
+            raise ValueError(f"vanilla model needs model.tgt_len >= 2 and model.n_layer >= 1, got {cfg.tgt_len} "
+                             f"and {cfg.n_layer}")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.check_config(cfg)
         self.cfg, self.vcfg = cfg, cfg.vanilla
         self.context = cfg.tgt_len  # L: the window every prediction sees at most
         self.mem_len = max(0, min(cfg.mem_len, self.context - 1))  # more than L - 1 tokens is never used

@@ -12,9 +12,11 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, List, Literal, Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models import check_model_config
 from models.config import ModelConfig
 from pipeline.common import XlpipeError
 
@@ -200,6 +202,121 @@ class ConfigError(XlpipeError, ValueError):
     """A config file or override that does not fit the schema."""
 
 
+# ----------------------------------------------------------------------------- value ranges
+# Checked by load_config, so a bad value fails before any work, file or MLflow run (the schema's
+# types are checked by OmegaConf). `None` values (unset optionals) are not checked here.
+
+
+def _ge(lo):
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _gt(lo):
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def _within(lo, hi, hi_open=False):
+    return ((lambda v: lo <= v < hi) if hi_open else (lambda v: lo <= v <= hi)), \
+        f"in [{lo}, {hi})" if hi_open else f"in [{lo}, {hi}]"
+
+
+RANGES: dict[str, tuple] = {
+    "data.workers": (*_ge(0), "0: every CPU"),
+    "data.unit_bytes": (*_ge(1), ""),
+    "data.chunk_tokens": (*_ge(1), ""),
+    "data.valid_bytes": (*_ge(0), "0: the reference size"),
+    "data.test_bytes": (*_ge(0), "0: the reference size"),
+    "data.valid_fraction": (*_within(0.0, 1.0, hi_open=True), ""),
+    "data.test_fraction": (*_within(0.0, 1.0, hi_open=True), ""),
+    "data.lm1b_valid_shard": (*_within(1, 49), "heldout shard 0 is the test set"),
+    "tokenizer.vocab_size": (*_ge(2), ""),
+    "tokenizer.min_freq": (*_ge(0), ""),
+    "tokenizer.max_size": (*_ge(0), "0: all"),
+    "tokenizer.sample_bytes": (*_ge(1), ""),
+    "tokenizer.character_coverage": ((lambda v: 0.0 < v <= 1.0), "in (0, 1]", ""),
+    "train.max_steps": (*_ge(1), ""),
+    "train.n_streams": (*_ge(1), "a multiple of world size x micro_batches"),
+    "train.tgt_len": (*_ge(0), "0: model.tgt_len"),
+    "train.micro_batches": (*_ge(1), "1: no gradient accumulation"),
+    "train.lr": (*_gt(0.0), ""),
+    "train.weight_decay": (*_ge(0.0), ""),
+    "train.eps": (*_gt(0.0), ""),
+    "train.momentum": (*_within(0.0, 1.0, hi_open=True), ""),
+    "train.warmup_steps": (*_ge(0), ""),
+    "train.min_lr_ratio": (*_within(0.0, 1.0), ""),
+    "train.clip": (*_ge(0.0), "0: no clipping"),
+    "train.zero_stage": (*_within(0, 3), ""),
+    "train.fp16_initial_scale_power": (*_within(0, 64), ""),
+    "train.fp16_loss_scale_window": (*_ge(1), ""),
+    "train.fp16_hysteresis": (*_ge(1), ""),
+    "train.fp16_min_loss_scale": (*_gt(0.0), ""),
+    "train.log_every": (*_ge(1), ""),
+    "train.eval_every": (*_ge(0), "0: no periodic validation"),
+    "train.eval_tgt_len": (*_ge(0), "0: tgt_len"),
+    "train.eval_max_steps": (*_ge(0), "0: the whole split"),
+    "train.eval_n_streams": (*_ge(0), "0: n_streams"),
+    "train.save_every": (*_ge(0), "0: only at the end and on preemption"),
+    "train.keep_last": (*_ge(0), "0: keep all"),
+    "eval.tgt_len": (*_ge(0), "0: model.tgt_len"),
+    "eval.mem_len": (*_ge(-1), "-1: keep the training attention span"),
+    "eval.clamp_len": (*_ge(-1), "-1: no clamp"),
+    "eval.n_streams": (*_ge(1), "a multiple of the world size"),
+    "eval.warm_tokens": (*_ge(-1), "-1: mem_len, 0: cold start"),
+    "eval.max_steps": (*_ge(0), "0: the whole split"),
+    "eval.speed.tgt_len": (*_ge(0), "0: eval.tgt_len"),
+    "eval.speed.batch_size": (*_ge(1), ""),
+    "eval.speed.cached_tokens": (*_ge(1), ""),
+    "eval.speed.sliding_windows": (*_ge(1), ""),
+    "eval.speed.repeats": (*_ge(1), ""),
+    "eval.recl.threshold": (*_ge(0.0), ""),
+    "eval.recl.positions": (*_ge(1), ""),
+    "eval.recl.batch_size": (*_ge(1), ""),
+    "generate.tokens": (*_ge(0), ""),
+    "generate.temperature": (*_ge(0.0), "0: greedy"),
+    "generate.top_k": (*_ge(0), "0: off"),
+    "generate.top_p": ((lambda v: 0.0 < v <= 1.0), "in (0, 1]", "1: off"),
+    "generate.mem_len": (*_ge(0), "0: model.mem_len"),
+    "generate.clamp_len": (*_ge(-1), "-1: no clamp"),
+    "tracking.system_metrics_interval": (*_gt(0.0), ""),
+}
+# Lists whose every element has a range.
+ITEM_RANGES: dict[str, tuple] = {
+    "eval.mem_lens": _ge(0),
+    "eval.speed.attn_lens": _ge(2),
+    "eval.recl.contexts": _ge(1),
+    "eval.recl.ratios": ((lambda v: 0.0 < v <= 1.0), "in (0, 1]"),
+    "train.betas": _within(0.0, 1.0, hi_open=True),
+}
+
+
+def _value(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_values(cfg: "Config") -> None:
+    """Every value in its allowed range, named by its dotted key, before anything runs."""
+    for key, (ok, allowed, note) in RANGES.items():
+        value = _value(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}"
+                              + (f" ({note})" if note else ""))
+    for key, (ok, allowed) in ITEM_RANGES.items():
+        for i, value in enumerate(_value(cfg, key)):
+            if not ok(value):
+                raise ConfigError(f"{key}[{i}]={value!r} is out of range: every entry must be {allowed}")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"train.betas={cfg.train.betas} must hold two values (beta1, beta2)")
+    if cfg.data.valid_fraction + cfg.data.test_fraction >= 1.0:
+        raise ConfigError(f"data.valid_fraction + data.test_fraction = "
+                          f"{cfg.data.valid_fraction + cfg.data.test_fraction} leaves no train split; keep it < 1")
+    try:
+        check_model_config(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
@@ -218,6 +335,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as exc:
             raise _explain(exc, str(path)) from None
+        except yaml.YAMLError as exc:            # a syntax error: where, and what the parser expected
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}{where}: not valid YAML ({what}); fix the file") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -225,7 +347,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"override {item!r}") from None
-    return OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(merged)
+    check_values(cfg)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pipeline.common import DTYPES, atomic_write_json, git_commit
-from pipeline.config import Config, EvalConfig, arg_parser, parse_args
+from pipeline.config import Config, EvalConfig, arg_parser, check_values, parse_args
 from pipeline.data.shards import Manifest, SplitTokens
 from pipeline.evaluation.sources import (
     EvalError,
@@ -126,6 +126,7 @@ def _tracker(cfg: Config, source: Optional[Source], rank: int):
 
 def evaluate(cfg: Config) -> dict:
     """Run every evaluation ``cfg.eval`` asks for; returns the report (written by rank 0)."""
+    check_values(cfg)
     e = cfg.eval
     check_request(e)
     if distributed.resolve_env().world_size > 1:      # torchrun, srun or env vars
@@ -229,6 +230,19 @@ def check_request(e: EvalConfig) -> None:
     bad = [a for a in e.speed.attn_lens if a < 2]
     if bad:
         raise EvalError(f"eval.speed.attn_lens={e.speed.attn_lens}: attention lengths must be >= 2")
+    # Where the results go is checked now, not after the evaluation has run.
+    for key, value, kind in (("eval.output", e.output, "directory"), ("eval.dump", e.dump, "file")):
+        if not value:
+            continue
+        path = Path(value)
+        if kind == "directory" and path.exists() and not path.is_dir():
+            raise EvalError(f"eval.output={value} is a file, not a directory for the reports; choose a directory")
+        if kind == "file" and path.is_dir():
+            raise EvalError(f"eval.dump={value} is a directory; give a file name for the .npz dump")
+        parent = path if kind == "directory" else path.parent
+        existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+            raise EvalError(f"{key}={value}: {existing} is not a writable directory; choose another {key}")
 
 
 def _report_dir(path: str) -> Path:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.config import Config, arg_parser, parse_args
+from pipeline.config import Config, arg_parser, check_values, parse_args
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
 from pipeline.runtime.exports import (
@@ -55,6 +55,7 @@ def export(cfg: Config) -> Path:
     from models import build_model
     from pipeline.runtime import checkpoint as ckpt
 
+    check_values(cfg)
     e = cfg.export
     path = resolve_checkpoint(e.source or cfg.train.output)
     meta = ckpt.load_meta(path)

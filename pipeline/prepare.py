@@ -35,13 +35,14 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.config import Config, arg_parser, parse_args
+from pipeline.config import Config, arg_parser, check_values, parse_args
 from pipeline.data.corpora import SPLITS, Corpus, CorpusError, Unit, open_corpus
 from pipeline.data.prepare.tokenizer import TokenizerSpec, resolve_tokenizer, tokenizer_step
 from pipeline.data.prepare.units import (
@@ -227,13 +228,28 @@ def prepare(cfg: Config, *, workers: Optional[int] = None, task_id: int = 0, num
     if stage == "all" and num_tasks != 1:
         raise PrepareError("stage 'all' runs the whole corpus in one task; with --num-tasks > 1 run "
                            "--stage tokenizer, the array (stage shards) and --merge")
+    check_values(cfg)
     data = cfg.data
+    if workers is not None and workers < 0:
+        raise PrepareError(f"--workers={workers} is out of range: it must be >= 0 (0: every CPU)")
     workers = data.workers if workers is None else workers
-    workers = cpu_count() if workers <= 0 else workers
-    if data.chunk_tokens <= 0:
-        raise PrepareError(f"data.chunk_tokens must be positive, got {data.chunk_tokens}")
+    workers = cpu_count() if workers == 0 else workers
     out = Path(data.output)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"data.output={out} is a file; the shards need a directory: choose another data.output")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare(cfg, out, workers, task_id, num_tasks, force, stage, progress, tokenizer_wait)
+    except BaseException:
+        if created and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)      # a failed first run leaves no empty output behind
+        raise
+
+
+def _prepare(cfg: Config, out: Path, workers: int, task_id: int, num_tasks: int, force: bool, stage: str,
+             progress: Optional[bool], tokenizer_wait: float) -> Optional[Manifest]:
+    data = cfg.data
     corpus = open_corpus(data)
     spec = resolve_tokenizer(cfg.tokenizer, corpus)
     plan = corpus.plan()

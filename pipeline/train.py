@@ -29,13 +29,13 @@ import torch
 
 from models import ModelOutput, build_model
 from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json
-from pipeline.config import Config, ConfigError, arg_parser, parse_args, to_dict, to_yaml
+from pipeline.config import Config, ConfigError, arg_parser, check_values, parse_args, to_dict, to_yaml
 from pipeline.data.shards import Manifest
 from pipeline.data.streams import Batch, open_streams
 from pipeline.evaluation.scoring import score_split, summarize, unwrap
 from pipeline.runtime import checkpoint as ckpt
 from pipeline.runtime import distributed
-from pipeline.runtime.engine import build_engine, engine_dtype, grad_norm, loss_scale
+from pipeline.runtime.engine import build_engine, check_precision, engine_dtype, grad_norm, loss_scale
 from pipeline.runtime.rank_state import Generators, RankState, StreamCursors, StreamMemory, save_states
 from pipeline.runtime.resume import ResumePoint, find_resume, restore
 from pipeline.runtime.stage import exit_now, run_stage
@@ -82,6 +82,17 @@ def resolve_config(cfg: Config, manifest: Manifest, shard_dir: str) -> Config:
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be >= 1")
     return cfg
+
+
+def check_layout(t, world_size: int) -> None:
+    """Streams split evenly over ranks and micro-batches (training) and over ranks (validation)."""
+    if t.n_streams % (world_size * t.micro_batches):
+        raise ConfigError(f"train.n_streams={t.n_streams} is not divisible by world size {world_size} x "
+                          f"train.micro_batches={t.micro_batches}; choose a multiple of "
+                          f"{world_size * t.micro_batches}")
+    n_eval = t.eval_n_streams or t.n_streams
+    if t.eval_every and n_eval % world_size:
+        raise ConfigError(f"train.eval_n_streams={n_eval} is not divisible by world size {world_size}")
 
 
 def stream_mode(cfg: Config, manifest: Manifest) -> str:
@@ -132,11 +143,15 @@ def _seed(seed: int) -> None:
 def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
     """Train (or resume) as ``cfg`` says; returns a summary (the same on every rank)."""
     hooks = hooks or Hooks()
+    check_values(cfg)                    # a Config built in Python gets the checks load_config makes
     env = distributed.init_distributed()
     _setup_logging(env.rank)
     manifest = Manifest.load(cfg.data.output)
     cfg = resolve_config(cfg, manifest, cfg.data.output)
     t = cfg.train
+    # Everything that can be refused is refused before an MLflow run exists.
+    check_precision(t.precision)
+    check_layout(t, env.world_size)
     point = find_resume(cfg, manifest, env.world_size)
 
     # Started before seeding: MLflow names new runs with Python's `random`.

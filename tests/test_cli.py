@@ -23,3 +23,17 @@ def test_stage_help_and_exit_code_pass_through(tmp_path):
     # a failing stage's exit code and message come back
     missing = xlpipe("evaluate", "--config", str(tmp_path / "absent.yaml"))
     assert missing.returncode != 0 and "absent.yaml" in missing.stderr
+
+
+def test_a_bad_value_fails_every_stage_before_any_work_or_mlflow_run(tmp_path):
+    db = tmp_path / "mlflow.db"
+    common = ["--config", "configs/tiny.yaml", f"tracking.uri=sqlite:///{db}", f"data.output={tmp_path / 'shards'}",
+              f"train.output={tmp_path / 'run'}"]
+    for stage, bad, named in (("train", "train.lr=-1", "train.lr=-1.0 is out of range: it must be > 0.0"),
+                              ("train", "train.n_streams=0", "train.n_streams=0 is out of range"),
+                              ("evaluate", "eval.mem_len=-5", "eval.mem_len=-5 is out of range"),
+                              ("prepare", "data.workers=-3", "data.workers=-3 is out of range")):
+        res = xlpipe(stage, *common, bad)
+        assert res.returncode == 2, res.stderr[-2000:]            # a usage error, as argparse's own
+        assert named in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not db.exists() and not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()

@@ -41,3 +41,34 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(None, ["train.max_steps"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.n_streams=0", r"train.n_streams=0 is out of range: it must be >= 1"),
+    ("train.micro_batches=0", r"train.micro_batches=0 is out of range: it must be >= 1"),
+    ("train.lr=-1", r"train.lr=-1.0 is out of range: it must be > 0.0"),
+    ("train.zero_stage=4", r"train.zero_stage=4 is out of range: it must be in \[0, 3\]"),
+    ("model.tgt_len=-4", r"model.tgt_len=-4 is out of range: it must be >= 1"),
+    ("model.dropout=1.5", r"model.dropout=1.5 is out of range: it must be in \[0, 1\)"),
+    ("model.cutoffs=[20,10]", r"model.cutoffs=\[20, 10\] must increase strictly"),
+    ("eval.mem_len=-5", r"eval.mem_len=-5 is out of range: it must be >= -1 \(-1: keep the training attention span\)"),
+    ("data.workers=-3", r"data.workers=-3 is out of range: it must be >= 0 \(0: every CPU\)"),
+    ("data.lm1b_valid_shard=0", r"data.lm1b_valid_shard=0 is out of range: it must be in \[1, 49\]"),
+    ("generate.top_p=0", r"generate.top_p=0.0 is out of range: it must be in \(0, 1\]"),
+    ("eval.mem_lens=[0,-2]", r"eval.mem_lens\[1\]=-2 is out of range: every entry must be >= 0"),
+])
+def test_every_value_is_checked_at_load_naming_key_value_and_range(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])
+
+
+def test_a_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 0.1\n  max_steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+ column \d+: not valid YAML"):
+        load_config(bad)
+
+
+def test_paper_configs_load_and_pass_the_range_checks():
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(path)

@@ -272,6 +272,11 @@ def test_errors_name_what_is_wrong(shards, export_dir, tmp_path):
         run_eval(shards, export_dir, tmp_path, "eval.perplexity=false")
     with pytest.raises(EvalError, match="increasing context lengths"):
         run_eval(shards, export_dir, tmp_path, f"eval.recl.sources=[{export_dir}]", "eval.recl.contexts=[8,4]")
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    with pytest.raises(EvalError, match="eval.output=.*a-file is a file, not a directory"):
+        run_eval(shards, export_dir, taken)                   # refused before any scoring
+    assert taken.read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------- MLflow

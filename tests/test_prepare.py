@@ -407,3 +407,14 @@ def test_cli_slurm_array_env_and_errors(wt103, tmp_path, monkeypatch, caplog):
         assert main(["--config", str(yaml), f"data.path={tmp_path / 'missing'}"]) == 1
     assert "expected wiki.train.tokens" in caplog.text and "missing (data.path)" in caplog.text
 
+
+
+def test_a_failed_first_prepare_leaves_no_output_and_a_file_is_refused(tmp_path):
+    out = tmp_path / "shards"
+    with pytest.raises(CorpusError):
+        prepare(config(out, "data.corpus=wt103", f"data.path={tmp_path / 'absent'}"))
+    assert not out.exists()
+    out.write_text("a file of mine")
+    with pytest.raises(PrepareError, match="data.output=.*shards is a file"):
+        prepare(config(out, "data.corpus=wt103", f"data.path={tmp_path / 'absent'}"))
+    assert out.read_text() == "a file of mine"
