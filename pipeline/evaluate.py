@@ -58,6 +58,7 @@ from pipeline.evaluation.sources import (
 )
 from pipeline.runtime import distributed
 from pipeline.runtime.exports import is_export, resolve_checkpoint, run_dir_of
+from pipeline.runtime.shard_check import verify_splits
 from pipeline.runtime.stage import exit_now, run_stage
 
 log = logging.getLogger("pipeline.evaluate")
@@ -136,6 +137,8 @@ def evaluate(cfg: Config) -> dict:
     dtype = DTYPES[e.dtype]
     manifest = Manifest.load(cfg.data.output)
     kind = manifest.tokenizer["kind"]
+    if e.perplexity or e.recl.sources:
+        verify_splits(cfg.data.output, manifest, [e.split])     # a damaged shard stops us now, by name
     tic = time.perf_counter()
 
     source = None

@@ -38,6 +38,7 @@ from pipeline.runtime import distributed
 from pipeline.runtime.engine import build_engine, check_precision, engine_dtype, grad_norm, loss_scale
 from pipeline.runtime.rank_state import Generators, RankState, StreamCursors, StreamMemory, save_states
 from pipeline.runtime.resume import ResumePoint, find_resume, restore
+from pipeline.runtime.shard_check import verify_splits
 from pipeline.runtime.stage import exit_now, run_stage
 from pipeline.runtime.tracking import Tracker
 
@@ -152,6 +153,7 @@ def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
     # Everything that can be refused is refused before an MLflow run exists.
     check_precision(t.precision)
     check_layout(t, env.world_size)
+    verify_splits(cfg.data.output, manifest, ["train", "valid"] if t.eval_every else ["train"])
     point = find_resume(cfg, manifest, env.world_size)
 
     # Started before seeding: MLflow names new runs with Python's `random`.
@@ -357,14 +359,8 @@ def validate(engine, cfg: Config, bpc: bool, memory_dtype: torch.dtype) -> dict:
 
 def _non_finite(step: int, rank: int, bad: list) -> NonFiniteLoss:
     """The same error on every rank, naming what each rank saw (an all-gather)."""
-    import torch.distributed as dist
-
     mine = [{"rank": rank, "micro_batch": m, "streams": f"{ids[0]}-{ids[-1]}", "loss": v} for m, ids, v in bad]
-    seen = mine
-    if distributed.is_initialized() and distributed.get_world_size() > 1:
-        box: list = [None] * distributed.get_world_size()
-        dist.all_gather_object(box, mine)
-        seen = [x for part in box for x in part]
+    seen = [x for part in distributed.all_gather_object(mine) for x in part]
     where = "; ".join(f"rank {x['rank']} micro-batch {x['micro_batch']} streams {x['streams']} loss {x['loss']}"
                       for x in seen)
     return NonFiniteLoss(f"non-finite training loss at step {step + 1} ({where}); the update was not applied. "

@@ -162,3 +162,40 @@ def test_a_planted_payload_runs_in_no_stage(trained, tmp_path, stage):
         assert "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt is not plain checkpoint data" in text, text[-3000:]
     assert not marker.exists()
     assert not (tmp_path / "export").exists()
+
+
+# ----------------------------------------------------------------------------- a damaged shard
+
+
+def test_a_flipped_byte_in_a_chunk_not_yet_read_stops_training_and_evaluation_before_they_start(trained, tmp_path):
+    from pipeline.data.shards import Manifest
+
+    root, args = trained["zero2-bf16"]
+    shards = Path(next(a for a in args if a.startswith("data.output=")).split("=", 1)[1])
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+
+    def flip(split: str, which: int) -> Path:
+        path = damaged / Manifest.load(damaged).split(split).shards[which].file
+        data = bytearray(path.read_bytes())
+        data[-2000] ^= 0x01                                    # inside the shard's last chunk
+        path.write_bytes(bytes(data))
+        return path
+
+    def moved(key: str, value: Path) -> list[str]:
+        return [f"{key}={value}" if a.startswith(f"{key}=") else a for a in args]
+
+    bad = flip("train", -1)                                    # read last, long after step 1
+    run = tmp_path / "run"
+    common = [a for a in moved("data.output", damaged) if not a.startswith("train.output=")]
+    for rc, text in launch(2, ["-m", "pipeline.train", *common, f"train.output={run}", "train.max_steps=3"],
+                           cwd=REPO):
+        assert rc == 1, text[-3000:]
+        assert f"shard {bad} does not match its recorded sha256/size" in text, text[-3000:]
+    assert not (run / "checkpoints").exists()
+
+    bad = flip("valid", 0)                                     # a good checkpoint, a damaged split
+    out = tmp_path / "eval"
+    res = launch(1, ["-m", "pipeline.evaluate", *common, f"eval.source={root}", f"eval.output={out}"], cwd=REPO)
+    assert res[0][0] == 1 and f"shard {bad} does not match its recorded sha256/size" in res[0][1], res[0][1][-3000:]
+    assert not out.exists() or not list(out.glob("*.json"))

@@ -30,7 +30,8 @@ def make_split(root, raw: np.ndarray, dtype: str = "uint16", chunk_tokens: int =
             starts = None
         infos.append(write_shard(root, split, i, raw[lo:hi], chunk_tokens, dtype, sentence_starts=starts))
         lo, i = hi, i + 1
-    Manifest("test", {"kind": "test"}, dtype, chunk_tokens, sentence_starts is not None,
+    vocab = 1 << 16 if dtype == "uint16" else 1 << 20
+    Manifest("test", {"kind": "test", "vocab_size": vocab}, dtype, chunk_tokens, sentence_starts is not None,
              {split: SplitInfo(infos)}).save(root)
     return str(root)
 
@@ -413,3 +414,24 @@ def test_manifest_of_another_version_or_unreadable_is_refused_by_name(tmp_path):
     path.write_text('{"format": ')
     with pytest.raises(ShardError, match=rf"cannot read {path}"):
         open_streams(tmp_path, "train", n_streams=8, tgt_len=4)
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda m: m["splits"]["train"].update(total_tokens=m["splits"]["train"]["total_tokens"] + 1),
+     r"split 'train' states total_tokens=1001 but its shards hold 1000"),
+    (lambda m: m["splits"]["train"]["shards"][1].update(tokens=7),
+     r"split 'train' shard train/shard-000001.tar states 7 tokens but its chunks hold 90"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(samples=9),
+     r"shard train/shard-000000.tar lists 3 chunk sizes and 3 CRC32s for 9 samples"),
+    (lambda m: m["tokenizer"].update(vocab_size=70000), r"dtype 'uint16' does not hold the ids of vocab_size 70000"),
+])
+def test_an_inconsistent_manifest_is_refused_on_open_naming_what_disagrees(tmp_path, edit, named):
+    from pipeline.data.shards import MANIFEST
+
+    make_split(tmp_path, random_tokens(1000), chunk_tokens=50, shard_tokens=(150, 90))
+    Manifest.load(tmp_path)                                   # as written: consistent
+    raw = json.loads((tmp_path / MANIFEST).read_text())
+    edit(raw)
+    (tmp_path / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(ShardError, match=named + r".*rebuild it with `python -m pipeline.prepare"):
+        Manifest.load(tmp_path)

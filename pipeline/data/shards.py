@@ -122,11 +122,44 @@ class Manifest:
                 name: SplitInfo([ShardInfo(**s) for s in split["shards"]])
                 for name, split in raw["splits"].items()
             }
-            return cls(corpus=raw["corpus"], tokenizer=raw["tokenizer"], dtype=raw["dtype"],
-                       chunk_tokens=raw["chunk_tokens"], sentences=raw["sentences"], splits=splits,
-                       options=raw.get("options", {}))
+            manifest = cls(corpus=raw["corpus"], tokenizer=raw["tokenizer"], dtype=raw["dtype"],
+                           chunk_tokens=raw["chunk_tokens"], sentences=raw["sentences"], splits=splits,
+                           options=raw.get("options", {}))
         except (KeyError, TypeError) as exc:
             raise ShardError(f"{path}: malformed manifest ({exc!r})") from None
+        manifest.check(raw, path)
+        return manifest
+
+    def check(self, raw: dict, path: Path) -> None:
+        """The manifest agrees with itself: every count it states is the sum of what it lists (a
+        hand-edited or half-written manifest fails here, not tokens later in a run)."""
+        def bad(what: str) -> ShardError:
+            return ShardError(f"{path}: {what}; the manifest is inconsistent (edited or damaged): rebuild it "
+                              f"with `python -m pipeline.prepare --config ... --merge`")
+
+        vocab = self.tokenizer.get("vocab_size")
+        if not isinstance(vocab, int) or vocab < 1:
+            raise bad(f"tokenizer.vocab_size={vocab!r} is not a positive integer")
+        if self.dtype not in ("uint16", "uint32") or np.iinfo(self.dtype).max < vocab - 1:
+            raise bad(f"dtype {self.dtype!r} does not hold the ids of vocab_size {vocab} "
+                      f"(prepare writes {token_dtype(vocab)!r})")
+        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
+            raise bad(f"chunk_tokens={self.chunk_tokens!r} is not a positive integer")
+        for name, split in self.splits.items():
+            for s in split.shards:
+                where = f"split {name!r} shard {s.file}"
+                if not s.file.startswith(f"{name}/"):
+                    raise bad(f"{where} is not in the {name}/ directory")
+                if len(s.chunks) != s.samples or len(s.crc32) != s.samples:
+                    raise bad(f"{where} lists {len(s.chunks)} chunk sizes and {len(s.crc32)} CRC32s for "
+                              f"{s.samples} samples")
+                if sum(s.chunks) != s.tokens or any(c < 1 for c in s.chunks):
+                    raise bad(f"{where} states {s.tokens} tokens but its chunks hold {sum(s.chunks)}")
+                if not self.sentences and any(c > self.chunk_tokens for c in s.chunks):
+                    raise bad(f"{where} has a chunk longer than chunk_tokens={self.chunk_tokens}")
+            stated = raw["splits"][name].get("total_tokens")
+            if stated is not None and stated != split.total_tokens:
+                raise bad(f"split {name!r} states total_tokens={stated} but its shards hold {split.total_tokens}")
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -274,12 +307,14 @@ class ShardReader:
 
 
 def verify_shard(shard_dir: str | Path, info: ShardInfo) -> None:
-    """Full check: size and sha256 (prepare uses it to skip finished shards)."""
+    """Full check: size and sha256 (prepare uses it to skip finished shards; training and
+    evaluation verify every shard they will read before they start)."""
     path = Path(shard_dir) / info.file
     if not path.is_file():
-        raise ShardError(f"shard {path} is missing")
+        raise ShardError(f"shard {path} is missing; re-run prepare to rebuild it")
     if path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
-        raise ShardError(f"shard {path} does not match its recorded sha256/size")
+        raise ShardError(f"shard {path} does not match its recorded sha256/size: it was changed or damaged "
+                         f"after prepare; re-run prepare (it rebuilds exactly the damaged shards)")
 
 
 class SplitTokens:

@@ -284,6 +284,15 @@ def broadcast_object(obj: Any = None, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank; ``[obj]`` without a group."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    box: list = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
 def all_reduce_sum(value: "float | Sequence[float] | torch.Tensor") -> Any:
     """Sum over ranks of a float, a list of floats (one reduction) or a tensor (a new tensor).
 
