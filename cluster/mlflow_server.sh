@@ -1,13 +1,16 @@
 #!/bin/bash
 # A lean MLflow tracking server (SQLite store, proxied artifacts) for the cluster or a workstation:
-#   cluster/mlflow_server.sh [--host ADDR] [--port PORT] [--store DIR]      # in the foreground
-#   sbatch cluster/mlflow_server.sh --store /shared/xlpipe-mlflow          # as a long-lived job
-# then, on any node:  export MLFLOW_TRACKING_URI=http://HOST:PORT  (the line is printed below).
+#   cluster/mlflow_server.sh [--host ADDR] [--port PORT] [--store DIR] [--auth FILE]   # foreground
+#   sbatch cluster/mlflow_server.sh --store /shared/xlpipe-mlflow                     # a long-lived job
+# By default it listens on 127.0.0.1 only: reach it from elsewhere through an ssh tunnel
+# (ssh -N -L 5000:127.0.0.1:5000 NODE), then export MLFLOW_TRACKING_URI=http://127.0.0.1:5000.
+# Any other address (e.g. --host 0.0.0.0 for the nodes of a job) needs --auth FILE: MLflow's
+# basic-auth app, whose admin is the "username:password" on FILE's first line (a file only you
+# can read: chmod 600). Clients then pass MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD.
 # Lean: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false and one worker (2 processes, ~0.5 GB, up in ~5 s,
-# instead of 15 processes and ~3 GB). Artifacts are proxied, so nodes need no shared disk.
-# Under SLURM it binds 0.0.0.0 and allows the node's names as Host headers (MLflow otherwise
-# answers 403 to anything but localhost and private IPs); add more with MLFLOW_ALLOWED_HOSTS.
-# Stop with Ctrl-C, scancel, or kill -TERM on the printed PID.
+# instead of 15 processes and ~3 GB). Artifacts are proxied, so nodes need no shared disk. Host
+# headers allowed: localhost, plus the node's names and addresses when it listens beyond loopback
+# (add more with MLFLOW_ALLOWED_HOSTS). Stop with Ctrl-C, scancel, or kill -TERM on the printed PID.
 #SBATCH --job-name=xlpipe-mlflow
 #SBATCH --ntasks=1
 #SBATCH --cpus-per-task=2
@@ -19,26 +22,77 @@ root="${XLPIPE_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}"
 [[ -f "$root/cluster/common.sh" ]] || { echo "no cluster/common.sh under '$root': run from the xlpipe repo root or export XLPIPE_ROOT" >&2; exit 2; }
 source "$root/cluster/common.sh"
 
-host="" port=5000 store="$XL_ROOT/mlflow-store"
+host=127.0.0.1 port=5000 store="$XL_ROOT/mlflow-store" auth=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --host) host="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --store) store="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$XL_ROOT/cluster/mlflow_server.sh"; exit 0 ;;
-    *) echo "unknown argument '$1' (use --host, --port, --store)" >&2; exit 2 ;;
+    --auth) auth="$2"; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$XL_ROOT/cluster/mlflow_server.sh"; exit 0 ;;
+    *) echo "unknown argument '$1' (use --host, --port, --store, --auth)" >&2; exit 2 ;;
   esac
 done
-if [[ -z "$host" ]]; then
-  if [[ -n "${SLURM_JOB_ID:-}" ]]; then host=0.0.0.0; else host=127.0.0.1; fi
+case "$host" in
+  127.*|localhost|::1) loopback=1 ;;
+  *) loopback=0 ;;
+esac
+if [[ "$loopback" == 0 && -z "$auth" ]]; then
+  echo "refusing to listen on $host without authentication: anyone who reaches this node could read, edit" \
+       "and delete every run. Pass --auth FILE (first line username:password, chmod 600), or keep the" \
+       "default 127.0.0.1 and use an ssh tunnel: ssh -N -L $port:127.0.0.1:$port $(hostname)" >&2
+  exit 2
+fi
+app=()
+if [[ -n "$auth" ]]; then
+  [[ -f "$auth" ]] || { echo "--auth $auth: no such file" >&2; exit 2; }
+  if [[ "$(stat -c %u "$auth")" != "$(id -u)" || $(( 8#$(stat -c %a "$auth") & 8#077 )) != 0 ]]; then
+    echo "--auth $auth: the credentials file must be yours and readable by you only (chmod 600 $auth)" >&2
+    exit 2
+  fi
+  IFS= read -r line < "$auth" || true
+  user="${line%%:*}" pass="${line#*:}"
+  if [[ "$line" != *:* || -z "$user" || -z "$pass" ]]; then
+    echo "--auth $auth: the first line must be username:password" >&2
+    exit 2
+  fi
+  if (( ${#pass} < 12 )); then        # MLflow's own rule for the admin password
+    echo "--auth $auth: the password must have at least 12 characters" >&2
+    exit 2
+  fi
 fi
 mkdir -p "$store/artifacts"
 store="$(cd "$store" && pwd)"
+if [[ -n "$auth" ]]; then
+  # MLflow's basic-auth app reads its admin from this file (configparser: '%' doubled); the users
+  # live in basic_auth.db beside the runs. Written 0600: it holds the password.
+  ini="$store/basic_auth.ini"
+  ( umask 077; {
+      echo "[mlflow]"
+      echo "default_permission = READ"
+      echo "database_uri = sqlite:///$store/basic_auth.db"
+      echo "admin_username = ${user//%/%%}"
+      echo "admin_password = ${pass//%/%%}"
+      echo "authorization_function = mlflow.server.auth:authenticate_request_basic_auth"
+    } > "$ini" )
+  export MLFLOW_AUTH_CONFIG_PATH="$ini"
+  # The app's CSRF key: yours if exported, else one made once for this store (kept 0600 beside it,
+  # so a restarted server accepts the sessions and forms of the last one).
+  if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then
+    key="$store/flask_secret_key"
+    [[ -s "$key" ]] || ( umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$key" )
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$key")"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+  fi
+  app=(--app-name basic-auth)
+fi
 
 name="$(hostname)"; fqdn="$(hostname -f 2>/dev/null || echo "$name")"
-allowed="localhost,localhost:*,127.0.0.1,127.0.0.1:*,$name,$name:*,$fqdn,$fqdn:*,10.*,192.168.*"
-for i in $(seq 16 31); do allowed+=",172.$i.*"; done
-for ip in $(hostname -I 2>/dev/null || true); do allowed+=",$ip,$ip:*"; done
+allowed="localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+if [[ "$loopback" == 0 ]]; then      # the node's own names and addresses, nothing wider
+  allowed+=",$name,$name:*,$fqdn,$fqdn:*"
+  for ip in $(hostname -I 2>/dev/null || true); do allowed+=",$ip,$ip:*"; done
+fi
 [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]] && allowed+=",$MLFLOW_ALLOWED_HOSTS"
 
 if [[ "$host" == 0.0.0.0 ]]; then url_host="$fqdn"; else url_host="$host"; fi
@@ -46,6 +100,9 @@ echo "=== xlpipe MLflow server  $(date -Is)  pid $$"
 echo "store    sqlite:///$store/mlflow.db   artifacts $store/artifacts"
 echo "listen   $host:$port"
 echo "export MLFLOW_TRACKING_URI=http://$url_host:$port"
+if [[ -n "$auth" ]]; then
+  echo "export MLFLOW_TRACKING_USERNAME=$user MLFLOW_TRACKING_PASSWORD=\"\$(cut -d: -f2- $auth | head -1)\""
+fi
 echo "==="
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 # exec: this PID becomes the server's, so kill -TERM / scancel stop it and its worker cleanly.
@@ -54,4 +111,4 @@ exec "$XL_PYTHON" -m mlflow server \
   --artifacts-destination "$store/artifacts" \
   --serve-artifacts \
   --host "$host" --port "$port" --workers 1 \
-  --allowed-hosts "$allowed"
+  --allowed-hosts "$allowed" "${app[@]}"

@@ -5,6 +5,8 @@ not through the Tracker.
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import signal
@@ -269,8 +271,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, host: str | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, headers={"Host": host} if host else {})
+def _get(url: str, host: str | None = None, auth: tuple[str, str] | None = None) -> tuple[int, dict]:
+    headers = {"Host": host} if host else {}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    req = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             body = r.read()
@@ -279,19 +284,20 @@ def _get(url: str, host: str | None = None) -> tuple[int, dict]:
         return e.code, {}
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """cluster/mlflow_server.sh on a free port of 127.0.0.1; stopped by its PID afterwards."""
+@contextlib.contextmanager
+def served(tmp_path: Path, *args: str):
+    """cluster/mlflow_server.sh on a free port (connected to through 127.0.0.1); stopped by its PID."""
     import psutil
 
     port = _free_port()
     store = tmp_path / "server"
     log = open(tmp_path / "server.log", "wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLFLOW_"))}
-    proc = subprocess.Popen(["bash", str(REPO / "cluster" / "mlflow_server.sh"), "--host", "127.0.0.1",
-                             "--port", str(port), "--store", str(store)],
+    proc = subprocess.Popen(["bash", str(REPO / "cluster" / "mlflow_server.sh"), "--port", str(port),
+                             "--store", str(store), *args],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    children = []
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -317,6 +323,13 @@ def mlflow_server(tmp_path):
     assert not alive, f"server processes left after SIGTERM: {alive}"
 
 
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """The documented default: 127.0.0.1, no authentication."""
+    with served(tmp_path, "--host", "127.0.0.1") as server:
+        yield server
+
+
 @pytest.mark.slow
 def test_real_server_receives_a_run(mlflow_server, monkeypatch, tmp_path):
     url, store, log = mlflow_server
@@ -340,8 +353,51 @@ def test_real_server_receives_a_run(mlflow_server, monkeypatch, tmp_path):
     # Artifacts were proxied into the server's store.
     found = list((store / "artifacts").rglob("report.txt"))
     assert len(found) == 1 and found[0].read_text() == "report\n"
-    # Host headers: the server's own name is allowed, a foreign one is refused.
-    assert _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=served",
-                host=f"{socket.gethostname()}:1")[0] == 200
-    assert _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=served",
-                host="evil.example")[0] == 403
+    # Host headers: on loopback only localhost names are served (no DNS rebinding, no other names).
+    by_name = f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=served"
+    assert _get(by_name, host="localhost:1")[0] == 200
+    assert _get(by_name, host=f"{socket.gethostname()}:1")[0] == 403
+    assert _get(by_name, host="evil.example")[0] == 403
+
+
+def _credentials(tmp_path: Path, mode: int = 0o600) -> Path:
+    creds = tmp_path / "mlflow-admin"
+    creds.write_text("xladmin:s3cret%password\n")
+    creds.chmod(mode)
+    return creds
+
+
+@pytest.mark.slow
+def test_beyond_loopback_the_server_needs_credentials_only_its_user_can_read(tmp_path):
+    script = ["bash", str(REPO / "cluster" / "mlflow_server.sh"), "--store", str(tmp_path / "s")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLFLOW_"))}
+    res = subprocess.run([*script, "--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=30)
+    assert res.returncode == 2 and "refusing to listen on 0.0.0.0 without authentication" in res.stderr
+    loose = _credentials(tmp_path, 0o644)
+    res = subprocess.run([*script, "--host", "0.0.0.0", "--auth", str(loose)], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert res.returncode == 2 and "readable by you only (chmod 600" in res.stderr
+    assert not (tmp_path / "s").exists()                     # refused before anything was written
+
+
+@pytest.mark.slow
+def test_an_authenticated_server_refuses_anonymous_requests_and_takes_a_training_run(tmp_path, monkeypatch):
+    creds = _credentials(tmp_path)
+    with served(tmp_path, "--host", "0.0.0.0", "--auth", str(creds)) as (url, store, log):
+        text = log.read_text()
+        assert "export MLFLOW_TRACKING_USERNAME=xladmin" in text and "s3cret" not in text
+        assert oct((store / "basic_auth.ini").stat().st_mode & 0o777) == "0o600"
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=10"
+        assert _get(search)[0] == 401                                      # no credentials
+        assert _get(search, auth=("xladmin", "wrong"))[0] == 401
+        assert _get(search, auth=("xladmin", "s3cret%password"))[0] == 200
+        # A training stage logs through MLflow's own client variables.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "xladmin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret%password")
+        monkeypatch.chdir(tmp_path)
+        with Tracker(TrackingConfig(experiment="guarded", system_metrics=False)).start(run_name="authed") as run:
+            run.log_metrics({"loss": 2.5}, step=1)
+        status, body = _get(f"{url}/api/2.0/mlflow/runs/get?run_id={run.run_id}", auth=("xladmin", "s3cret%password"))
+        assert status == 200 and body["run"]["info"]["status"] == "FINISHED"
+        assert _get(f"{url}/api/2.0/mlflow/runs/get?run_id={run.run_id}")[0] == 401
