@@ -112,7 +112,13 @@ def run(cfg) -> dict:
         raise ConfigError("generate.export (--export DIR) is required: the directory written by pipeline.export")
     if g.prompt and g.prompt_file:
         raise ConfigError("give generate.prompt or generate.prompt_file, not both")
-    prompt = Path(g.prompt_file).read_text(encoding="utf-8") if g.prompt_file else g.prompt
+    if g.prompt_file and not Path(g.prompt_file).is_file():
+        raise ConfigError(f"generate.prompt_file={g.prompt_file} does not exist (or is not a file); give the path "
+                          f"of a UTF-8 text file, or the prompt itself with --prompt")
+    try:
+        prompt = Path(g.prompt_file).read_text(encoding="utf-8") if g.prompt_file else g.prompt
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"generate.prompt_file={g.prompt_file}: cannot read it as UTF-8 text ({exc})") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, meta = load_export(g.export, device=device)
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]

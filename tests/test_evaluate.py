@@ -261,6 +261,8 @@ def test_recl_of_a_group_from_exports(shards, export_dir, tmp_path):
 def test_errors_name_what_is_wrong(shards, export_dir, tmp_path):
     with pytest.raises(ExportError, match="neither a checkpoint"):
         run_eval(shards, tmp_path, tmp_path)
+    with pytest.raises(ExportError, match=r"nowhere does not exist; point export.source / eval.source at a run"):
+        run_eval(shards, tmp_path / "nowhere", tmp_path)
     other = make_shards(tmp_path / "other", n_docs=120)
     with pytest.raises(EvalError, match="manifest sha256"):
         run_eval(other, export_dir, tmp_path)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import ModelConfig, build_model
-from pipeline.config import load_config, to_dict
+from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
 from pipeline.export import load_export
@@ -57,6 +57,9 @@ def test_same_seed_same_text(export_dir, tmp_path, capsys):
     assert main(["--export", str(export_dir), "--prompt-file", str(prompt), "--tokens", "40", "--top-k", "20",
                  "--top-p", "0.9", "--temperature", "0.8", "--seed", "11"]) == 0
     assert capsys.readouterr().out == a["text"] + "\n"
+    assert main(["--export", str(export_dir), "--prompt-file", str(tmp_path / "absent.txt")]) == 1   # one line
+    with pytest.raises(ConfigError, match=r"generate.prompt_file=.*absent.txt does not exist"):
+        run(load_config(CONFIG, [f"generate.export={export_dir}", f"generate.prompt_file={tmp_path / 'absent.txt'}"]))
 
 
 def test_sampling_filters():

@@ -241,8 +241,9 @@ class SegmentStreams:
         if mode == "shuffled_sentences" and not tokens.manifest.sentences:
             raise StreamError(f"mode='shuffled_sentences' needs a sentence corpus, but the manifest of "
                               f"{tokens.shard_dir} has sentences=false; use mode='ordered'")
-        if tgt_len < 1 or warm_tokens < 0 or seed < 0:
-            raise StreamError(f"tgt_len={tgt_len} must be >= 1, warm_tokens={warm_tokens} and seed={seed} >= 0")
+        for name, value, lo in (("tgt_len", tgt_len, 1), ("warm_tokens", warm_tokens, 0), ("seed", seed, 0)):
+            if value < lo:
+                raise StreamError(f"streams of split {split!r}: {name}={value} is out of range: it must be >= {lo}")
         if roll and warm_tokens:
             raise StreamError("roll=True with warm_tokens > 0: a rolled stream has no true preceding context; "
                               "warm-up is for (unrolled) evaluation")

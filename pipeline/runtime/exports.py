@@ -73,6 +73,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     from pipeline.runtime import checkpoint as ckpt
 
     path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path} does not exist; point export.source / eval.source at a run directory "
+                          f"(train.output), its checkpoints directory or a global_stepN checkpoint")
     if (path / ckpt.OURS / "meta.json").is_file():
         return path
     for root in (path / ckpt.CKPT_DIR, path):
