@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from corpus_fixtures import make_wt103
-from train_fixtures import REPO, TINY, clean_env, launch, make_shards
+from train_fixtures import REPO, TINY, clean_env, finish, launch, make_shards
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -199,3 +199,53 @@ def test_a_flipped_byte_in_a_chunk_not_yet_read_stops_training_and_evaluation_be
     res = launch(1, ["-m", "pipeline.evaluate", *common, f"eval.source={root}", f"eval.output={out}"], cwd=REPO)
     assert res[0][0] == 1 and f"shard {bad} does not match its recorded sha256/size" in res[0][1], res[0][1][-3000:]
     assert not out.exists() or not list(out.glob("*.json"))
+
+
+# ----------------------------------------------------------------------------- kill -9 during saves
+
+
+def test_kill_9_of_both_ranks_while_they_save_then_resume_ends_with_the_same_weights(trained, tmp_path):
+    """A checkpoint every step; both ranks are killed -9 while saving step 2, then while saving
+    step 4 (seeded random moments after the staging directory appears), resumed each time, and the
+    final weights equal an uninterrupted run's, bit for bit."""
+    import random
+
+    from pipeline.runtime.checkpoint import consolidated_state_dict, is_complete
+
+    _, args = trained["zero2-bf16"]
+    base = [a for a in args if not a.startswith(("train.output=", "train.max_steps=", "train.save_every="))]
+    steps = 6
+
+    def run_args(out: Path) -> list[str]:
+        return ["-m", "pipeline.train", *base, f"train.output={out}", f"train.max_steps={steps}",
+                "train.save_every=1", "train.keep_last=0"]
+
+    ref = tmp_path / "uninterrupted"
+    for rc, text in launch(2, run_args(ref), cwd=REPO):
+        assert rc == 0, text[-3000:]
+
+    out = tmp_path / "killed"
+    root = out / "checkpoints"
+    rng = random.Random(7)
+    interrupted = []
+    for target in (2, 4):
+        procs = launch(2, run_args(out), cwd=REPO, wait=False)
+        staging = root / ".tmp" / f"global_step{target}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not staging.exists():
+            time.sleep(0.001)
+        assert staging.exists(), finish(procs)[0][1][-3000:]
+        time.sleep(rng.uniform(0.0, 0.03))
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.communicate(timeout=60)
+        interrupted.append(not is_complete(root / f"global_step{target}"))
+    assert any(interrupted), "no kill landed inside a save; lower the delay"
+    for rc, text in launch(2, run_args(out), cwd=REPO):
+        assert rc == 0, text[-3000:]
+    got = consolidated_state_dict(root / f"global_step{steps}")
+    want = consolidated_state_dict(ref / "checkpoints" / f"global_step{steps}")
+    assert got.keys() == want.keys()
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
