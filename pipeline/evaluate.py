@@ -159,8 +159,8 @@ def evaluate(cfg: Config) -> dict:
     rows = []
     if e.perplexity:
         mem_lens = list(e.mem_lens) or [None]
-        for m in mem_lens:
-            settings = resolve_settings(e, source.model, m)
+        plan = [resolve_settings(e, source.model, m) for m in mem_lens]   # every setting refused before any work
+        for m, settings in zip(mem_lens, plan):
             res = score(source, cfg.data.output, manifest, settings, device, dump=bool(e.dump) and m == mem_lens[0])
             row = {"name": f"mem{settings['mem_len']}", "settings": settings,
                    "metrics": metrics(res["nll_sum"], res["tokens"], kind, split.total_tokens, split.text),
