@@ -14,8 +14,6 @@ DeepSpeed's loader and zero_to_fp32 do). Both from a warm page cache, median of 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,18 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
 
 RESULT = REPO / "benchmarks" / "results" / "checkpoint_check.json"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_checkpoint(tag: Path) -> int:
@@ -96,8 +85,7 @@ def main() -> dict:
         "n_params": n, "bytes": size, "files": [f.name for f in files],
         "check_s": round(check_s, 3), "deepspeed_load_s": round(load_s, 3),
         "check_over_load": round(check_s / load_s, 4),
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine_info(),
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1) + "\n")

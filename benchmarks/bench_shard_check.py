@@ -12,8 +12,6 @@ the verification on one rank from a warm page cache, median of 3, with the impli
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,20 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
 
 RESULT = REPO / "benchmarks" / "results" / "shard_check.json"
 WT103_TRAIN_TOKENS = 103_227_021
 TOKENS_PER_SHARD = 3_700_000
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> dict:
@@ -69,8 +58,7 @@ def main() -> dict:
         "tokens": WT103_TRAIN_TOKENS, "shards": len(infos), "bytes": size,
         "seconds_1_rank": round(one, 3), "mb_per_s": round(size / one / 1e6, 1),
         "seconds_per_rank_at_8_ranks": round(one / 8, 3), "seconds_per_rank_at_64_ranks": round(one / 64, 4),
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-                    "python": platform.python_version()},
+        "machine": machine_info(),
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1) + "\n")

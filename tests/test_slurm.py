@@ -65,6 +65,20 @@ def test_srun_resolves_ranks_and_all_reduces(slurm_cluster, tmp_path):
     assert reports[0]["pid"] != reports[1]["pid"]
 
 
+def _wait_gone(pid: int, timeout: float = 60.0) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"task {pid} of the first run is still alive {timeout:.0f} s after the requeue")
+
+
 def test_one_rank_signalled_both_stop_then_requeue(slurm_cluster, tmp_path):
     """SIGUSR1 to rank 1 only: both ranks stop at the same step; rank 0 requeues; run 2 resumes."""
     out = tmp_path / "job.out"
@@ -86,6 +100,10 @@ def test_one_rank_signalled_both_stop_then_requeue(slurm_cluster, tmp_path):
     # SLURM counts the requeue; the job waits (Reason=BeginTime) before it may start again.
     info = slurm_cluster.wait(job, timeout=60, until=lambda i: i.get("Restarts") == "1"
                               and i.get("JobState") == "PENDING")
+    # The first run's tasks must be gone before the second starts: it rendezvouses on the same
+    # port (derived from the job id), which a slow-to-exit task of the first run would still hold.
+    for path in ready:
+        _wait_gone(json.loads(path.read_text())["pid"])
     slurm_cluster.release(job)
     info = slurm_cluster.wait(job, timeout=120)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out.read_text()

@@ -1,0 +1,36 @@
+"""What a benchmark result records about the machine it ran on (ratios move with the CPU)."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+# CPU features that change our figures: vector width, bf16/fp16 arithmetic, AMX tiles.
+FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    have = set(flags.split(":", 1)[1].split())
+    return [f for f in FEATURES if f in have]
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "python": platform.python_version()}
