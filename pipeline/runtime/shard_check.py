@@ -2,7 +2,7 @@
 starts, so a damaged byte stops the job at once, naming the shard, instead of hours into a run
 (chunk CRC32s catch it only when that chunk is read). The shards are split between the ranks
 (shard i by rank i mod W) and the failures gathered, so the cost is the split's bytes / W per rank
-(benchmarks/results/shard_check.json: a WikiText-103-size split).
+(benchmarks/results/shard_check.json: 0.28 s for a WikiText-103-size split on one rank).
 """
 from __future__ import annotations
 
