@@ -1,23 +1,14 @@
-"""Typed model configuration shared by every family (built by ``models.build_model``)."""
+"""Typed model configuration shared by every family (built by ``models.build_model``).
+
+The settings every family reads are here; a family's own section (``model.vanilla``) is a
+dataclass defined in the family's file and nested below, so a new family adds one field."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
 from typing import List, Literal, Optional
 
-
-@dataclasses.dataclass
-class VanillaConfig:
-    """Al-Rfou et al. (2019) deep character transformer: fixed windows, auxiliary losses.
-
-    The window L is ``ModelConfig.tgt_len``; the memory keeps the last ``min(mem_len, L - 1)``
-    input tokens (see models/vanilla.py for the loss weighting and evaluation).
-    """
-
-    multi_position: bool = True      # predict at every position of the window, not only the last
-    intermediate: bool = True        # per-layer losses, layer l stops after l/(2n) of training
-    next_next: bool = True           # extra head predicting the token two ahead
-    next_next_weight: float = 0.5
+from models.vanilla import VanillaConfig
 
 
 @dataclasses.dataclass

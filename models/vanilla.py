@@ -45,16 +45,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
-from models.config import ModelConfig
 from models.memory import Memory
 from models.modules.layers import PositionwiseFF, layer_norm, linear
+
+if TYPE_CHECKING:          # models.config nests VanillaConfig, so it imports this module
+    from models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class VanillaConfig:
+    """Al-Rfou et al. (2019) deep character transformer: fixed windows, auxiliary losses.
+
+    The window L is ``ModelConfig.tgt_len``; the memory keeps the last ``min(mem_len, L - 1)``
+    input tokens (see models/vanilla.py for the loss weighting and evaluation).
+    """
+
+    multi_position: bool = True      # predict at every position of the window, not only the last
+    intermediate: bool = True        # per-layer losses, layer l stops after l/(2n) of training
+    next_next: bool = True           # extra head predicting the token two ahead
+    next_next_weight: float = 0.5
+
 
 TRAINING_ONLY_PREFIX = "train_heads."
 
