@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 
 ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_PORT = 29500          # torchrun's default, for plain multi-process env without a port
-SLURM_PORT_BASE = 20000       # MASTER_PORT = 20000 + job_id % 20000 under SLURM
+# MASTER_PORT = 20000 + job_id % 12000 under SLURM: 20000-31999, below Linux's ephemeral range
+# (32768-60999), so no outgoing connection on a node can hold the port a job rendezvouses on.
+SLURM_PORT_BASE = 20000
+SLURM_PORT_SPAN = 12000
 
 
 def _prefer_cpu_accelerator() -> None:
@@ -122,7 +125,7 @@ def resolve_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
 
     Under ``srun`` (a job step: SLURM_STEP_ID and SLURM_PROCID set) RANK←SLURM_PROCID,
     LOCAL_RANK←SLURM_LOCALID, WORLD_SIZE←SLURM_STEP_NUM_TASKS (SLURM_NTASKS), MASTER_ADDR←first
-    host of the step's node list, MASTER_PORT←20000 + job_id % 20000 (the same on every rank,
+    host of the step's node list, MASTER_PORT←20000 + job_id % 12000 (the same on every rank,
     different for jobs sharing a node). A batch script outside ``srun`` is one process, whatever
     ``--ntasks`` says. torchrun and hand-set variables set RANK/WORLD_SIZE/... themselves.
     """
@@ -139,7 +142,7 @@ def resolve_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
             nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
             derived["MASTER_ADDR"] = first_host(nodes) if nodes else "127.0.0.1"
         if job_id:
-            derived["MASTER_PORT"] = SLURM_PORT_BASE + _job_number(job_id) % 20000
+            derived["MASTER_PORT"] = SLURM_PORT_BASE + _job_number(job_id) % SLURM_PORT_SPAN
     if "TORCHELASTIC_RUN_ID" in env:
         launcher = "torchrun"
     elif in_step:
