@@ -13,7 +13,6 @@ DeepSpeed's loader and zero_to_fp32 do). Both from a warm page cache, median of 
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
+from machine import machine_info, write_result  # noqa: E402  (benchmarks/machine.py)
 
 RESULT = REPO / "benchmarks" / "results" / "checkpoint_check.json"
 
@@ -87,10 +86,7 @@ def main() -> dict:
         "check_over_load": round(check_s / load_s, 4),
         "machine": machine_info(),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
-    return result
+    return write_result(RESULT, result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the verification on one rank from a warm page cache, median of 3, with the impli
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py)
+from machine import machine_info, write_result  # noqa: E402  (benchmarks/machine.py)
 
 RESULT = REPO / "benchmarks" / "results" / "shard_check.json"
 WT103_TRAIN_TOKENS = 103_227_021
@@ -60,10 +59,7 @@ def main() -> dict:
         "seconds_per_rank_at_8_ranks": round(one / 8, 3), "seconds_per_rank_at_64_ranks": round(one / 64, 4),
         "machine": machine_info(),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
-    return result
+    return write_result(RESULT, result)
 
 
 if __name__ == "__main__":

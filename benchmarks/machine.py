@@ -1,6 +1,7 @@
 """What a benchmark result records about the machine it ran on (ratios move with the CPU)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -34,3 +35,11 @@ def machine_info() -> dict:
     return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
             "python": platform.python_version()}
+
+
+def write_result(path: Path, result: dict) -> dict:
+    """The result JSON under benchmarks/results/, and on stdout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return result

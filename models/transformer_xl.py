@@ -87,9 +87,6 @@ def _check_config(cfg: ModelConfig) -> None:
     if cfg.tie_projs and len(cfg.tie_projs) != n_clusters + 1:
         raise ValueError(f"model.tie_projs={cfg.tie_projs} needs one entry per cluster, "
                          f"{n_clusters + 1} for cutoffs={cfg.cutoffs} (or [] for none)")
-    for name in ("tgt_len", "mem_len", "ext_len"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"model.{name}={getattr(cfg, name)} must be >= 0")
     same_length_window(cfg.mem_len, cfg.same_length_keys)  # validates the convention name
 
 

@@ -138,9 +138,8 @@ class VanillaTransformer(LanguageModel):
         if cfg.d_embed not in (0, cfg.d_model):
             raise ValueError(f"model.d_embed={cfg.d_embed}: the vanilla family needs d_embed 0 or "
                              f"d_model={cfg.d_model}")
-        if cfg.tgt_len < 2 or cfg.n_layer < 1:
-            raise ValueError(f"vanilla model needs model.tgt_len >= 2 and model.n_layer >= 1, got {cfg.tgt_len} "
-                             f"and {cfg.n_layer}")
+        if cfg.tgt_len < 2:      # n_layer >= 1 is the shared check's
+            raise ValueError(f"model.tgt_len={cfg.tgt_len}: the vanilla family needs a window of at least 2 tokens")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -205,11 +204,14 @@ class VanillaTransformer(LanguageModel):
     def lengths(self) -> dict:
         return {"tgt_len": self.tgt_len, "mem_len": self.mem_len}
 
+    def _check_segment(self, tgt_len: int) -> None:
+        if not 1 <= tgt_len <= self.context:
+            raise ValueError(f"tgt_len={tgt_len} exceeds the model's window model.tgt_len={self.context}"
+                             if tgt_len > self.context else f"tgt_len={tgt_len} must be >= 1")
+
     def set_lengths(self, tgt_len: Optional[int] = None, mem_len: Optional[int] = None) -> None:
         if tgt_len is not None:
-            if not 1 <= tgt_len <= self.context:
-                raise ValueError(f"tgt_len={tgt_len} exceeds the model's window model.tgt_len={self.context}"
-                                 if tgt_len > self.context else f"tgt_len={tgt_len} must be >= 1")
+            self._check_segment(tgt_len)
             self.tgt_len = int(tgt_len)
         if mem_len is not None:
             if mem_len < 0:
@@ -225,9 +227,7 @@ class VanillaTransformer(LanguageModel):
             if value is not None:
                 raise ValueError(f"{name}={value}: the vanilla family has absolute positions and fixed windows, "
                                  f"no {name}; leave it unset")
-        if not 1 <= tgt_len <= self.context:
-            raise ValueError(f"tgt_len={tgt_len} exceeds the model's window model.tgt_len={self.context}"
-                             if tgt_len > self.context else f"tgt_len={tgt_len} must be >= 1")
+        self._check_segment(tgt_len)
         mem = self.eval_mem_len(tgt_len) if mem_len is None else mem_len
         if mem < 0:
             raise ValueError(f"mem_len={mem} must be >= 0 (or -1 for the training attention span)")

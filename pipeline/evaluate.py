@@ -234,16 +234,13 @@ def check_request(e: EvalConfig) -> None:
     if bad:
         raise EvalError(f"eval.speed.attn_lens={e.speed.attn_lens}: attention lengths must be >= 2")
     # Where the results go is checked now, not after the evaluation has run.
-    for key, value, kind in (("eval.output", e.output, "directory"), ("eval.dump", e.dump, "file")):
-        if not value:
-            continue
-        path = Path(value)
-        if kind == "directory" and path.exists() and not path.is_dir():
-            raise EvalError(f"eval.output={value} is a file, not a directory for the reports; choose a directory")
-        if kind == "file" and path.is_dir():
-            raise EvalError(f"eval.dump={value} is a directory; give a file name for the .npz dump")
-        parent = path if kind == "directory" else path.parent
-        existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if e.output and Path(e.output).exists() and not Path(e.output).is_dir():
+        raise EvalError(f"eval.output={e.output} is a file, not a directory for the reports; choose a directory")
+    if e.dump and Path(e.dump).is_dir():
+        raise EvalError(f"eval.dump={e.dump} is a directory; give a file name for the .npz dump")
+    for key, value, directory in (("eval.output", e.output, Path(e.output)),
+                                  ("eval.dump", e.dump, Path(e.dump).parent)):
+        existing = next((p for p in (directory, *directory.parents) if p.exists()), None) if value else None
         if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK)):
             raise EvalError(f"{key}={value}: {existing} is not a writable directory; choose another {key}")
 

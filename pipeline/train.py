@@ -39,7 +39,7 @@ from pipeline.runtime.engine import build_engine, check_precision, engine_dtype,
 from pipeline.runtime.rank_state import Generators, RankState, StreamCursors, StreamMemory, save_states
 from pipeline.runtime.resume import ResumePoint, find_resume, restore
 from pipeline.runtime.shard_check import verify_splits
-from pipeline.runtime.stage import exit_now, run_stage
+from pipeline.runtime.stage import exit_now, run_stage, setup_logging
 from pipeline.runtime.tracking import Tracker
 
 log = logging.getLogger("pipeline.train")
@@ -105,14 +105,6 @@ def stream_mode(cfg: Config, manifest: Manifest) -> str:
 # ----------------------------------------------------------------------------- logging
 
 
-def _setup_logging(rank: int) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                            format=f"%(asctime)s train[{rank}]: %(message)s", datefmt="%H:%M:%S")
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -146,7 +138,7 @@ def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
     hooks = hooks or Hooks()
     check_values(cfg)                    # a Config built in Python gets the checks load_config makes
     env = distributed.init_distributed()
-    _setup_logging(env.rank)
+    setup_logging("train", env.rank)   # also for callers of train() that skip the stage runner
     manifest = Manifest.load(cfg.data.output)
     cfg = resolve_config(cfg, manifest, cfg.data.output)
     t = cfg.train

@@ -87,8 +87,8 @@ def latest_tag(root: str | Path) -> Optional[str]:
     """The newest complete checkpoint under ``root``; None when there is none.
 
     ``root/latest`` is moved last by a save, so a crash between renaming ``global_stepN`` into place
-    and rewriting it leaves it one behind: the directories decide, and a stale ``latest`` is
-    repaired (rank 0 of a training run; readers only warn)."""
+    and rewriting it leaves it one behind: the directories decide, a stale ``latest`` is warned
+    about here and rewritten by the next save (``point_latest``)."""
     root = Path(root)
     tags = list_tags(root)
     pointer = root / "latest"
