@@ -8,7 +8,8 @@ Evaluation lengths (the names of :data:`LENGTHS`):
   ``tgt_len``      tokens per forward (the segment);
   ``mem_len``      how much memory is kept between forwards;
   ``clamp_len``    relative distances clamped at this value (-1: none);
-  ``same_length``  every query sees the same number of keys.
+  ``same_length``  every query sees the same number of keys;
+  ``cmem_len``     how many compressed memory rows are kept (the Compressive Transformer).
 A family lists the ones it has in ``length_names``; ``eval_lengths(...)`` sets them for a block and
 restores them afterwards, also on error.
 """
@@ -20,6 +21,7 @@ from typing import ClassVar, Iterator, Optional
 
 from torch import Tensor, nn
 
+from models.diagnostics import AttentionMass
 from models.memory import Memory
 
 
@@ -50,7 +52,7 @@ class ModelOutput:
         return self.loss if self.aux_loss is None else self.loss + self.aux_loss
 
 
-LENGTHS = ("tgt_len", "mem_len", "clamp_len", "same_length")
+LENGTHS = ("tgt_len", "mem_len", "clamp_len", "same_length", "cmem_len")
 
 
 class LanguageModel(nn.Module):
@@ -64,12 +66,15 @@ class LanguageModel(nn.Module):
                       False when every input position takes a target;
       caches_hidden   True when memory holds computed hidden states, so a cached evaluation
                       skips recomputation (the speed comparison with sliding windows needs it).
+      training_only   prefixes of state-dict keys only training uses (auxiliary heads, decoders):
+                      left out of exports, not required when one is loaded.
     """
 
     family: ClassVar[str] = ""
     length_names: ClassVar[tuple[str, ...]] = ()
     suffix_targets: ClassVar[bool] = False
     caches_hidden: ClassVar[bool] = False
+    training_only: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -139,12 +144,19 @@ class LanguageModel(nn.Module):
             self.set_lengths(**saved)
 
     def resolve_eval_lengths(self, tgt_len: int, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
-                             same_length: Optional[bool] = None) -> dict:  # pragma: no cover - abstract
+                             same_length: Optional[bool] = None,
+                             cmem_len: Optional[int] = None) -> dict:  # pragma: no cover - abstract
         """The lengths an evaluation of ``tgt_len``-token segments runs with, from the requested
         values (None: the family's default for that segment length, see ``eval_mem_len``).
         Returns ``{name: value}`` for every name in ``length_names`` (plus informational keys);
         an impossible request raises ValueError naming the setting."""
         raise NotImplementedError
+
+    def refuse_lengths(self, **values) -> None:
+        """ValueError for any of ``values`` that is set but not one of this family's lengths."""
+        for name, value in values.items():
+            if value is not None and name not in self.length_names:
+                raise ValueError(f"{name}={value}: the {self.family} family has no {name}; leave it unset")
 
     def eval_mem_len(self, tgt_len: int) -> int:  # pragma: no cover - abstract
         """The memory that keeps training's attention span when segments are ``tgt_len`` long."""
@@ -160,17 +172,29 @@ class LanguageModel(nn.Module):
         takes, and the lengths to run under (``mem_len`` 0: the family's own)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    # -- diagnostics -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def record_attention(self, n_buckets: int = 6) -> Iterator[Optional[AttentionMass]]:
+        """Collect where attention goes (models/diagnostics.py) over the forwards of a block;
+        yields None for a family without attention over a memory."""
+        yield None
+
     # -- export ----------------------------------------------------------------------------
     def inference_state_dict(self) -> dict[str, Tensor]:
-        """The weights inference needs (families with training-only parts leave them out)."""
-        return self.state_dict()
+        """The weights inference needs: everything but the ``training_only`` parts."""
+        return {k: v for k, v in self.state_dict().items() if not self._training_only(k)}
+
+    def _training_only(self, key: str) -> bool:
+        return bool(self.training_only) and key.startswith(self.training_only)
 
     def load_inference_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load what ``inference_state_dict`` gave; a missing or unexpected key raises KeyError."""
+        """Load what ``inference_state_dict`` gave; a missing (not training-only) or unexpected
+        key raises KeyError."""
         result = self.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        missing = [k for k in result.missing_keys if not self._training_only(k)]
+        if missing or result.unexpected_keys:
             raise KeyError(f"does not fit the {self.family} model built from its config: missing "
-                           f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+                           f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
 
 
 def span_keeping_mem_len(mem_len: int, tgt_len: int, eval_tgt_len: int) -> int:

@@ -13,14 +13,16 @@ reference (its ``_update_mems`` call swaps two arguments; harmless only at ext_l
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from models.base import LENGTHS, LanguageModel, ModelOutput, span_keeping_mem_len
+from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models.config import ModelConfig
+from models.diagnostics import AttentionMass
 from models.memory import Memory
 from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from models.modules.attention import (
@@ -92,7 +94,7 @@ def _check_config(cfg: ModelConfig) -> None:
 
 class TransformerXL(LanguageModel):
     family = "transformer_xl"
-    length_names = LENGTHS
+    length_names = ("tgt_len", "mem_len", "clamp_len", "same_length")
     suffix_targets = True        # fewer targets than inputs score the last positions
     caches_hidden = True         # memory holds every layer's input: no recomputation
 
@@ -128,6 +130,7 @@ class TransformerXL(LanguageModel):
         self.same_length = cfg.same_length
         self.same_length_keys = cfg.same_length_keys
         self._masks: dict = {}
+        self._attention_mass: Optional[AttentionMass] = None
         self.init_weights()
 
     # -- construction ---------------------------------------------------------------------
@@ -213,7 +216,8 @@ class TransformerXL(LanguageModel):
         return span_keeping_mem_len(self.cfg.mem_len, self.cfg.tgt_len, tgt_len)
 
     def resolve_eval_lengths(self, tgt_len: int, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
-                             same_length: Optional[bool] = None) -> dict:
+                             same_length: Optional[bool] = None, cmem_len: Optional[int] = None) -> dict:
+        self.refuse_lengths(cmem_len=cmem_len)
         if tgt_len < 1:
             raise ValueError(f"tgt_len={tgt_len} must be >= 1")
         mem = self.eval_mem_len(tgt_len) if mem_len is None else mem_len
@@ -278,9 +282,13 @@ class TransformerXL(LanguageModel):
             new = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
         return TXLMemory(hidden=new.detach())
 
+    def memory_span(self) -> int:
+        """Memory rows a query sees at most (same_length gives every query this many keys)."""
+        return self.mem_len
+
     def _mask(self, qlen: int, mlen: int, device, dtype) -> Tensor:
         """Additive ``[qlen, mlen+qlen]`` mask, cached per shape (built without a host sync)."""
-        window = same_length_window(self.mem_len, self.same_length_keys) if self.same_length else None
+        window = same_length_window(self.memory_span(), self.same_length_keys) if self.same_length else None
         if window is not None and window < 1:
             raise ValueError("same_length needs mem_len > 0 (each query would see no key)")
         key = (qlen, mlen, window, str(device), dtype)
@@ -291,11 +299,41 @@ class TransformerXL(LanguageModel):
             mask = self._masks[key] = additive_mask(causal_mask(qlen, mlen, window, device), dtype)
         return mask
 
+    # -- diagnostics ----------------------------------------------------------------------
+    memory_regions: tuple[str, ...] = ("memory", "segment")
+
+    @contextlib.contextmanager
+    def record_attention(self, n_buckets: int = 6) -> Iterator[AttentionMass]:
+        mass = AttentionMass(self.memory_regions, self.n_layer, n_buckets)
+        saved = self._attention_mass
+        self._attention_mass = mass
+        try:
+            yield mass
+        finally:
+            self._attention_mass = saved
+
+    def _keep_probs(self) -> bool:
+        """Whether the layers must leave their attention probabilities for this forward."""
+        return self._attention_mass is not None
+
     # -- forward --------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, targets: Optional[Tensor] = None, memory: Optional[Memory] = None,
                 *, return_logprobs: bool = False) -> ModelOutput:
         """input_ids ``[B, q]``; targets ``[B, T]`` with T <= q predict the last T positions
         (T < q only with an ext_len prefix); memory from ``init_memory`` or a previous call."""
+        batch, qlen = self._check_inputs(input_ids, targets)
+        mem = self._memory_tensor(memory, batch)
+        mlen = 0 if mem is None else mem.size(2)
+        h = self._embed(input_ids)
+        if mem is not None and mem.dtype != h.dtype:
+            mem = mem.to(h.dtype)  # e.g. fp32 memory restored into a bf16 model
+        pos, mask = self._positions(qlen, mlen, h)
+        mems = [None if mem is None else mem[:, i] for i in range(self.n_layer)]
+        h, hids, _ = self._layers(h, mems, pos, mask, (mlen, qlen))
+        new_memory = self._update_memory(hids, mem, qlen, mlen)
+        return self._predict(h, targets, return_logprobs, new_memory)
+
+    def _check_inputs(self, input_ids: Tensor, targets: Optional[Tensor]) -> tuple[int, int]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tgt_len], got shape {tuple(input_ids.shape)}")
         batch, qlen = input_ids.shape
@@ -304,37 +342,50 @@ class TransformerXL(LanguageModel):
         _check_ids("input_ids", input_ids, self.n_token)
         if targets is not None:
             _check_ids("targets", targets, self.n_token)
-        mem = self._memory_tensor(memory, batch)
-        mlen = 0 if mem is None else mem.size(2)
-        klen = mlen + qlen
+        return batch, qlen
 
+    def _embed(self, input_ids: Tensor) -> Tensor:
         h = self.word_emb(input_ids)
-        if mem is not None and mem.dtype != h.dtype:
-            mem = mem.to(h.dtype)  # e.g. fp32 memory restored into a bf16 model
         if self.attn_type == "absolute":
             # Vaswani sinusoid on the segment, positions counted back from its end (reference);
             # memory keeps the encodings it was computed with (the paper's §3.3 formulation).
+            qlen = input_ids.size(1)
             pos = torch.arange(qlen - 1, -1, -1, device=h.device, dtype=torch.float32)
             if self.clamp_len > 0:
                 pos = pos.clamp(max=self.clamp_len)
             h = h + sinusoid(pos, self.d_model).to(h.dtype)
-        h = self.drop(h)
+        return self.drop(h)
 
+    def _positions(self, qlen: int, mlen: int, h: Tensor) -> tuple[Optional[Tensor], Tensor]:
+        """Relative position terms over ``mlen`` memory rows and the segment, and the mask."""
+        klen = mlen + qlen
         pos = None
         if self.attn_type == "relative":
             dist = relative_distances(klen, self.clamp_len, device=h.device)
             pos = self.drop(sinusoid(dist, self.d_model).to(h.dtype))
         elif self.attn_type == "shaw":
             pos = relative_distances(klen, self.clamp_len, device=h.device)
-        mask = self._mask(qlen, mlen, h.device, h.dtype)
+        return pos, self._mask(qlen, mlen, h.device, h.dtype)
 
-        hids = []
+    def _layers(self, h: Tensor, mems: list[Optional[Tensor]], pos: Optional[Tensor], mask: Tensor,
+                regions: tuple[int, ...]) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]]]:
+        """Every layer over its memory; returns the output, each layer's input and (when kept)
+        each layer's attention probabilities. ``regions``: key rows per ``memory_regions``."""
+        keep = self._keep_probs()
+        hids, probs = [], []
         for i, layer in enumerate(self.layers):
             hids.append(h)
-            h = layer(h, None if mem is None else mem[:, i], pos, mask, self.r_w_bias, self.r_r_bias)
-        h = self.drop(h)
-        new_memory = self._update_memory(hids, mem, qlen, mlen)
+            layer.dec_attn.keep_probs = keep
+            h = layer(h, mems[i], pos, mask, self.r_w_bias, self.r_r_bias)
+            p = layer.dec_attn.take_probs() if keep else None
+            if p is not None and self._attention_mass is not None:
+                self._attention_mass.add(i, p, regions)
+            probs.append(p)
+        return self.drop(h), hids, probs
 
+    def _predict(self, h: Tensor, targets: Optional[Tensor], return_logprobs: bool, memory: Memory,
+                 aux_loss: Optional[Tensor] = None) -> ModelOutput:
+        batch, qlen = h.shape[:2]
         loss = nll = logprobs = None
         if targets is not None or return_logprobs:
             n_pred = qlen if targets is None else targets.size(1)
@@ -345,7 +396,7 @@ class TransformerXL(LanguageModel):
                 loss = nll.mean()
             if flat_lp is not None:
                 logprobs = flat_lp.view(batch, n_pred, self.n_token)
-        return ModelOutput(loss=loss, nll=nll, memory=new_memory, logprobs=logprobs)
+        return ModelOutput(loss=loss, nll=nll, memory=memory, aux_loss=aux_loss, logprobs=logprobs)
 
 
 def _check_ids(name: str, ids: Tensor, n_token: int) -> None:

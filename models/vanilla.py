@@ -126,6 +126,7 @@ class VanillaTransformer(LanguageModel):
     length_names = ("tgt_len", "mem_len")   # absolute positions: nothing to clamp or equalise
     suffix_targets = False                   # every input position takes a target
     caches_hidden = False                    # memory is tokens: every window is recomputed
+    training_only = (TRAINING_ONLY_PREFIX,)  # the auxiliary heads
 
     @classmethod
     def check_config(cls, cfg: ModelConfig) -> None:
@@ -222,11 +223,9 @@ class VanillaTransformer(LanguageModel):
         return min(span_keeping_mem_len(self.cfg.mem_len, self.cfg.tgt_len, tgt_len), self.context - 1)
 
     def resolve_eval_lengths(self, tgt_len: int, mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
-                             same_length: Optional[bool] = None) -> dict:
-        for name, value in (("clamp_len", clamp_len), ("same_length", same_length)):
-            if value is not None:
-                raise ValueError(f"{name}={value}: the vanilla family has absolute positions and fixed windows, "
-                                 f"no {name}; leave it unset")
+                             same_length: Optional[bool] = None, cmem_len: Optional[int] = None) -> dict:
+        # absolute positions and fixed windows: nothing to clamp, equalise or compress
+        self.refuse_lengths(clamp_len=clamp_len, same_length=same_length, cmem_len=cmem_len)
         self._check_segment(tgt_len)
         mem = self.eval_mem_len(tgt_len) if mem_len is None else mem_len
         if mem < 0:
@@ -331,19 +330,6 @@ class VanillaTransformer(LanguageModel):
             return z.new_zeros((), dtype=torch.float32)
         logits = self.train_heads["next_next"][layer - 1](z[:, :-1])
         return self._ce(logits, targets[:, 1:]).mean()
-
-    # ----- export ---------------------------------------------------------------------------
-    def inference_state_dict(self) -> dict[str, Tensor]:
-        """The state dict without the training-only heads (keys under ``train_heads.``)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)}
-
-    def load_inference_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load an ``inference_state_dict``; every non-training key must be present."""
-        result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(TRAINING_ONLY_PREFIX)]
-        if missing or result.unexpected_keys:
-            raise KeyError(f"vanilla inference state: missing {missing}, unexpected {result.unexpected_keys}")
-
 
 @torch.no_grad()
 def sliding_window_nll(

@@ -65,7 +65,14 @@ def same_length_window(mem_len: int, keys: str) -> int:
 
 
 class _MemoryAttention(nn.Module):
-    """Shared projections, softmax and output block; subclasses add the position terms."""
+    """Shared projections, softmax and output block; subclasses add the position terms.
+
+    With ``keep_probs`` set, each forward leaves its attention probabilities (before dropout,
+    detached, ``[B, H, q, k]``) in ``probs`` for the model to read once (``take_probs``): the
+    memory diagnostics and the Compressive Transformer's most-used compression need them."""
+
+    keep_probs: bool = False
+    probs: Optional[Tensor] = None
 
     def __init__(self, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float,
                  pre_lnorm: bool = False):
@@ -121,8 +128,14 @@ class _MemoryAttention(nn.Module):
             score.baddbmm_(q3, k3t)
         # fp32 softmax for half precision; every row keeps >= 1 key (itself), so no NaN.
         prob = torch.softmax(score, dim=-1, dtype=torch.float32).to(v.dtype)
+        if self.keep_probs:
+            self.probs = prob.detach().view(B, H, qlen, klen)
         prob = self.dropatt(prob)
         return torch.bmm(prob, v3).view(B, H, qlen, D).transpose(1, 2).flatten(2)
+
+    def take_probs(self) -> Optional[Tensor]:
+        probs, self.probs = self.probs, None
+        return probs
 
     def _output(self, h: Tensor, attn_vec: Tensor) -> Tensor:
         out = self.drop(self.o_net(attn_vec))
