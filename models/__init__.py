@@ -14,6 +14,7 @@ from models.memory import Memory
 REGISTRY = {
     "transformer_xl": "models.transformer_xl:TransformerXL",
     "vanilla": "models.vanilla:VanillaTransformer",
+    "compressive": "models.compressive:CompressiveTransformer",
 }
 
 

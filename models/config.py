@@ -8,12 +8,13 @@ import dataclasses
 from dataclasses import field
 from typing import List, Literal, Optional
 
+from models.compressive import CompressiveConfig
 from models.vanilla import VanillaConfig
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    family: Literal["transformer_xl", "vanilla"] = "transformer_xl"
+    family: Literal["transformer_xl", "vanilla", "compressive"] = "transformer_xl"
     n_token: int = 0                 # 0: taken from the shard manifest at build time
     n_layer: int = 4
     d_model: int = 128
@@ -49,4 +50,5 @@ class ModelConfig:
     proj_init_std: float = 0.01
 
     vanilla: VanillaConfig = field(default_factory=VanillaConfig)
+    compressive: CompressiveConfig = field(default_factory=CompressiveConfig)
     dtype: Optional[str] = None      # reserved: parameter dtype override for export/inference

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
-from models.config import ModelConfig
 from models.diagnostics import AttentionMass
 from models.memory import Memory
 from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
@@ -36,6 +35,9 @@ from models.modules.attention import (
 from models.modules.dropout import Dropout
 from models.modules.layers import PositionwiseFF
 from models.modules.positions import relative_distances, sinusoid
+
+if TYPE_CHECKING:          # models.config nests the family configs, so it imports the family files
+    from models.config import ModelConfig
 
 
 @dataclasses.dataclass
@@ -311,6 +313,8 @@ class TransformerXL(LanguageModel):
             yield mass
         finally:
             self._attention_mass = saved
+            for layer in self.layers:
+                layer.dec_attn.keep_probs = self._keep_probs()
 
     def _keep_probs(self) -> bool:
         """Whether the layers must leave their attention probabilities for this forward."""

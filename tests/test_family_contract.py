@@ -16,6 +16,8 @@ import torch
 
 from models import REGISTRY, LanguageModel, Memory, ModelConfig, build_model
 from models.base import LENGTHS
+from models.compressive import CompressiveConfig
+from naive_compressive import naive_compressive
 
 V = 37
 SMALL = dict(n_token=V, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.1, dropatt=0.1)
@@ -25,6 +27,11 @@ def txl_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
     """Per-token NLL of one forward over the whole sequence from empty memory."""
     with model.eval_lengths(tgt_len=tokens.size(1) - 1, mem_len=0, same_length=False):
         return model(tokens[:, :-1], tokens[:, 1:]).nll
+
+
+def compressive_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Every segment over [compressed; memory; segment] written out from the paper (naive_compressive)."""
+    return naive_compressive(model, tokens, model.cfg.tgt_len)
 
 
 def window_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -57,6 +64,13 @@ SPECS = {
     "vanilla": Spec(ModelConfig(family="vanilla", **SMALL, attn_type="learned", tgt_len=6, mem_len=5,
                                 tie_weight=False), segment=1, n_segments=14, reference=window_reference,
                     eval_lengths={"tgt_len": 3, "mem_len": 2}),
+    # Memory 4 and segment 4 at rate 2: from the second segment on, 4 rows are compressed into 2
+    # each time and the compressed memory of 3 rows overflows; larger weights make attention peaked.
+    "compressive": Spec(ModelConfig(family="compressive", **SMALL, tgt_len=4, mem_len=4, init_std=0.3,
+                                    compressive=CompressiveConfig(cmem_len=3, ratio=2)),
+                        segment=4, n_segments=5, reference=compressive_reference,
+                        eval_lengths={"tgt_len": 2, "mem_len": 7, "clamp_len": 3, "same_length": True,
+                                      "cmem_len": 5}),
 }
 
 
