@@ -138,11 +138,15 @@ class EvalConfig:
     mem_len: int = -1                # -1: keep the training attention span (model.mem_len + model.tgt_len - tgt_len)
     clamp_len: Optional[int] = None  # None: model.clamp_len (-1: no clamp)
     same_length: Optional[bool] = None  # None: model.same_length
+    cmem_len: int = -1               # compressive family: -1 keeps model.compressive.cmem_len
     n_streams: int = 10              # eval batch (streams); a multiple of the world size
     warm_tokens: int = -1            # -1: mem_len (NVIDIA's warm start: every scored token has full memory); 0: cold
     max_steps: int = 0               # 0: the whole split; else the first max_steps segments of every stream
     mem_lens: List[int] = field(default_factory=list)   # sweep: one evaluation per memory length, plus a plot
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"     # model weights on the device (NLL sums stay fp64)
+    # where attention goes (segment / memory / compressed memory, each in age buckets), also in
+    # training's validation; 0: not measured
+    attention_buckets: int = 6
     # per-token NLL (.npz: nll per split position, NaN where unscored; a sweep: its first mem_len)
     dump: str = ""
     output: str = ""                 # report directory; "": <run dir>/eval or <export dir>/eval
@@ -260,6 +264,8 @@ RANGES: dict[str, tuple] = {
     "eval.tgt_len": (*_ge(0), "0: model.tgt_len"),
     "eval.mem_len": (*_ge(-1), "-1: keep the training attention span"),
     "eval.clamp_len": (*_ge(-1), "-1: no clamp"),
+    "eval.cmem_len": (*_ge(-1), "-1: model.compressive.cmem_len"),
+    "eval.attention_buckets": (*_ge(0), "0: attention not measured"),
     "eval.n_streams": (*_ge(1), "a multiple of the world size"),
     "eval.warm_tokens": (*_ge(-1), "-1: mem_len, 0: cold start"),
     "eval.max_steps": (*_ge(0), "0: the whole split"),

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from models.diagnostics import attention_metrics
 from pipeline.common import DTYPES, atomic_write_json, git_commit
 from pipeline.config import Config, EvalConfig, arg_parser, check_values, parse_args
 from pipeline.data.shards import Manifest, SplitTokens
@@ -161,15 +162,20 @@ def evaluate(cfg: Config) -> dict:
         mem_lens = list(e.mem_lens) or [None]
         plan = [resolve_settings(e, source.model, m) for m in mem_lens]   # every setting refused before any work
         for m, settings in zip(mem_lens, plan):
-            res = score(source, cfg.data.output, manifest, settings, device, dump=bool(e.dump) and m == mem_lens[0])
+            res = score(source, cfg.data.output, manifest, settings, device, dump=bool(e.dump) and m == mem_lens[0],
+                        attention_buckets=e.attention_buckets)
             row = {"name": f"mem{settings['mem_len']}", "settings": settings,
                    "metrics": metrics(res["nll_sum"], res["tokens"], kind, split.total_tokens, split.text),
                    **{k: res[k] for k in ("nll_sum", "tokens", "unscored_tokens", "seconds", "tokens_per_s")}}
+            if res["attention"] is not None:
+                row["attention"] = res["attention"]
             rows.append(row)
             if rank == 0:
                 log.info("%s | tgt %d mem %d | %s start | %s tokens | %s | %.0f tok/s", e.split,
                          settings["tgt_len"], settings["mem_len"], settings["start"], f"{res['tokens']:,}",
                          headline(row["metrics"]), res["tokens_per_s"])
+                if row.get("attention", {}).get("regions"):
+                    log.info("attention: %s", " | ".join(f"{r} {v:.3f}" for r, v in row["attention"]["regions"].items()))
             if "dump" in res and res["dump"] is not None:
                 tokens = SplitTokens(cfg.data.output, manifest, e.split)
                 try:
@@ -282,6 +288,7 @@ def _track(cfg: Config, source: Optional[Source], report: dict, rows: list[dict]
         for i, row in enumerate(rows):
             m = row["metrics"] | {"tokens": row["tokens"], "tokens_per_s": row["tokens_per_s"]}
             if i == 0:
+                m |= attention_metrics(row.get("attention") or {})
                 tracker.log_metrics({f"{split}_{k}": v for k, v in m.items()}, step)
             if len(rows) > 1:   # the sweep: x = mem_len, so MLflow draws the curve as well
                 tracker.log_metrics({f"sweep_{split}_{k}": v for k, v in row["metrics"].items()},

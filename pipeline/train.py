@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from models import ModelOutput, build_model
+from models.diagnostics import attention_metrics
 from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json
 from pipeline.config import Config, ConfigError, arg_parser, check_values, parse_args, to_dict, to_yaml
 from pipeline.data.shards import Manifest
@@ -340,13 +341,17 @@ class Run:
 
 
 def validate(engine, cfg: Config, bpc: bool, memory_dtype: torch.dtype) -> dict:
-    """The valid split with memory, at the eval tgt_len and the memory that keeps the span."""
+    """The valid split with memory, at the eval tgt_len and the memory that keeps the span, and
+    the share of attention on each part of the memory."""
     t = cfg.train
     mem_len = unwrap(engine).eval_mem_len(t.eval_tgt_len)   # the family's rule for keeping the span
     n = t.eval_n_streams or t.n_streams
     sums = score_split(engine, cfg.data.output, "valid", n_streams=n, tgt_len=t.eval_tgt_len, mem_len=mem_len,
-                       max_steps=t.eval_max_steps, memory_dtype=memory_dtype)
-    return summarize(sums["nll_sum"], sums["tokens"], bpc) | {"tokens": sums["tokens"]}
+                       max_steps=t.eval_max_steps, memory_dtype=memory_dtype,
+                       attention_buckets=cfg.eval.attention_buckets)
+    # where attention went (attn_segment, attn_memory, ... : models/diagnostics.py), for the curves
+    return (summarize(sums["nll_sum"], sums["tokens"], bpc) | {"tokens": sums["tokens"]}
+            | attention_metrics(sums["attention"] or {}))
 
 
 def _non_finite(step: int, rank: int, bad: list) -> NonFiniteLoss:

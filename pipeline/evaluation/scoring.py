@@ -14,6 +14,7 @@ tokens that precede it (NVIDIA's warm start), so every scored token has full mem
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,15 +43,17 @@ def eval_lengths(model, **lengths):
 @torch.no_grad()
 def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt_len: int,
                 mem_len: Optional[int] = None, clamp_len: Optional[int] = None,
-                same_length: Optional[bool] = None, warm_tokens: int = 0, max_steps: int = 0,
-                rank: Optional[int] = None, world_size: Optional[int] = None,
+                same_length: Optional[bool] = None, cmem_len: Optional[int] = None, warm_tokens: int = 0,
+                max_steps: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
                 device: Optional[torch.device] = None, memory_dtype: Optional[torch.dtype] = None,
-                reduce: bool = True, on_scored: Optional[Callable] = None) -> dict:
+                reduce: bool = True, on_scored: Optional[Callable] = None, attention_buckets: int = 0) -> dict:
     """NLL summed over the split's scored tokens and their count, over all ranks (see module doc).
 
     ``max_steps`` > 0 scores only the first ``max_steps`` segments of every stream (the same
     count on every rank). ``reduce=False`` returns this rank's sums only. ``on_scored(batch, nll)``
     sees every scored batch and its per-token NLL (the evaluation stage's per-token dump).
+    ``attention_buckets`` > 0 also measures where the scored segments' attention goes
+    (models/diagnostics.py), returned as ``attention`` (None for a family without it).
     """
     rank = distributed.get_rank() if rank is None else rank
     world_size = distributed.get_world_size() if world_size is None else world_size
@@ -63,13 +66,20 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
                            world_size=world_size, warm_tokens=warm_tokens, drop_last=False)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
+    mass = None
     try:
-        with module.eval_lengths(tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(module.eval_lengths(tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len,
+                                                    same_length=same_length, cmem_len=cmem_len))
+            if attention_buckets:
+                mass = stack.enter_context(module.record_attention(attention_buckets))
             memory = module.init_memory(len(streams.ids), device=device)
             if memory_dtype is not None:
                 memory = memory.to(dtype=memory_dtype)
             scored = 0
             for batch in streams:
+                if mass is not None:
+                    mass.active = not batch.warmup         # warm-up forwards are not scored
                 inputs, targets = batch.inputs.to(device), batch.targets.to(device)
                 out = model(inputs, targets, memory=memory)
                 memory = out.memory
@@ -86,9 +96,12 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
         streams.close()
         model.train(was_training)
     if not reduce:
-        return {"nll_sum": float(nll_sum), "tokens": tokens}
-    total, count = distributed.all_reduce_sum([float(nll_sum), float(tokens)])
-    return {"nll_sum": total, "tokens": int(count)}
+        return {"nll_sum": float(nll_sum), "tokens": tokens, "attention": None if mass is None else mass.summary()}
+    total, count, *attention = distributed.all_reduce_sum([float(nll_sum), float(tokens)]
+                                                          + ([] if mass is None else mass.flat()))
+    if mass is not None:
+        mass.load_flat(attention)
+    return {"nll_sum": total, "tokens": int(count), "attention": None if mass is None else mass.summary()}
 
 
 def summarize(nll_sum: float, tokens: int, bpc: bool) -> dict:

@@ -83,7 +83,8 @@ def resolve_settings(e: EvalConfig, model, mem_len: Optional[int] = None) -> dic
     if mem_len is None and e.mem_len >= 0:
         mem_len = e.mem_len
     try:
-        lengths = model.resolve_eval_lengths(tgt, mem_len, e.clamp_len, e.same_length)
+        lengths = model.resolve_eval_lengths(tgt, mem_len, e.clamp_len, e.same_length,
+                                             cmem_len=None if e.cmem_len < 0 else e.cmem_len)
     except ValueError as exc:
         raise EvalError(f"eval.{exc}") from None     # the family names the setting first
     out = {"split": e.split, "n_streams": e.n_streams, "max_steps": e.max_steps, "family": cfg.family, **lengths}
@@ -167,7 +168,7 @@ class TokenDump:
 
 
 def score(source: Source, shard_dir: str, manifest: Manifest, settings: dict, device: torch.device,
-          dump: bool = False) -> dict:
+          dump: bool = False, attention_buckets: int = 0) -> dict:
     """One evaluation pass; sums over all ranks (and the gathered dump on rank 0)."""
     split_tokens = manifest.split(settings["split"]).total_tokens
     layout = StreamLayout(split_tokens, settings["n_streams"], settings["tgt_len"], settings["warm_tokens"], False)
@@ -176,12 +177,13 @@ def score(source: Source, shard_dir: str, manifest: Manifest, settings: dict, de
     sums = score_split(source.model, shard_dir, settings["split"], n_streams=settings["n_streams"],
                        tgt_len=settings["tgt_len"], mem_len=settings["mem_len"],
                        clamp_len=settings.get("clamp_len"), same_length=settings.get("same_length"),
-                       warm_tokens=settings["warm_tokens"], max_steps=settings["max_steps"], device=device,
-                       on_scored=recorder)
+                       cmem_len=settings.get("cmem_len"), warm_tokens=settings["warm_tokens"],
+                       max_steps=settings["max_steps"], device=device, on_scored=recorder,
+                       attention_buckets=attention_buckets)
     seconds = time.perf_counter() - tic
     out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"], "seconds": seconds,
            "tokens_per_s": sums["tokens"] / max(seconds, 1e-9), "split_tokens": split_tokens,
-           "unscored_tokens": split_tokens - layout.scored_tokens}
+           "unscored_tokens": split_tokens - layout.scored_tokens, "attention": sums.get("attention")}
     if recorder is not None:
         out["dump"] = recorder.gather(split_tokens)
     return out
