@@ -21,7 +21,8 @@ def naive_compressive(model, tokens: torch.Tensor, segment: int, keep_probs: boo
     """Per-token NLL ``[B, T-1]`` of ``tokens [B, T]`` fed ``segment`` tokens at a time from empty
     memory; with ``keep_probs`` also every forward's probabilities per layer ``[B, H, q, k]`` and
     the (compressed, memory, segment) key counts."""
-    cfg, cc = model.cfg, model.cfg.compressive
+    cfg, ratio = model.cfg, model.cfg.compressive.ratio
+    mem_len, cmem_len = model.mem_len, model.cmem_len          # the lengths set now (evaluation may change them)
     H, D, d = cfg.n_head, cfg.d_head, cfg.d_model
     mem = [[] for _ in range(cfg.n_layer)]       # rows [B, d], oldest first
     cmem = [[] for _ in range(cfg.n_layer)]
@@ -63,11 +64,11 @@ def naive_compressive(model, tokens: torch.Tensor, segment: int, keep_probs: boo
             rows = mem[i] + [inputs[i][:, t] for t in range(q)]
             got = forward_probs[i].mean(dim=(1, 2))[:, len(cmem[i]):]          # [B, m + q]
             used = [u + got[:, j] for j, u in enumerate(usage[i])] + [got[:, j] for j in range(len(mem[i]), len(rows))]
-            over = max(0, len(rows) - cfg.mem_len)
-            n = (over // cc.ratio) * cc.ratio if cc.cmem_len else over
-            if cc.cmem_len and n:
+            over = max(0, len(rows) - mem_len)
+            n = (over // ratio) * ratio if cmem_len else over
+            if cmem_len and n:
                 new = model.compress[i](torch.stack(rows[:n], dim=1), torch.stack(used[:n], dim=1))
-                cmem[i] = (cmem[i] + [new[:, r] for r in range(new.size(1))])[-cc.cmem_len:]
+                cmem[i] = (cmem[i] + [new[:, r] for r in range(new.size(1))])[-cmem_len:]
             mem[i], usage[i] = rows[n:], used[n:]
     nll = torch.cat(nlls, dim=1)
     return (nll, seen) if keep_probs else nll

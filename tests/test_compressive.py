@@ -274,9 +274,9 @@ def test_cmem_len_zero_is_transformer_xl():
 
 
 @torch.no_grad()
-def test_one_token_at_a_time_equals_segments_when_groups_align():
-    """Generation feeds one token per forward: with segment, memory and c aligned, rows are
-    compressed in the same groups at the same moments, so the NLL is the segments' exactly."""
+def test_one_token_at_a_time_equals_segments_of_c_tokens():
+    """Generation feeds one token per forward: with segments of c tokens (and mem_len a multiple
+    of c) rows are compressed in the same groups at the same moments, so the NLL is the same."""
     model = model_for().eval()
     x = toks(2, 3 * 7 + 1)
     by_segment = torch.cat([o.nll for o in stream(model, x, 3)[0]], dim=1)

@@ -360,3 +360,31 @@ def test_from_a_tracked_training_checkpoint(shards, tmp_path):
     assert json.loads((out / "export.json").read_text())["metrics"]  # the evaluation above, by setting
     again = run_eval(shards, out, tmp_path / "from-export", *settings)
     assert again["results"][0]["nll_sum"] == pytest.approx(rep["results"][0]["nll_sum"], rel=1e-12)
+
+
+def test_compressive_evaluation_equals_the_naive_model_and_reports_attention(shards, tmp_path):
+    """A Compressive Transformer export, evaluated with a shorter compressed memory than it was
+    built with, against tests/naive_compressive.py over the raw stream tokens (cold start)."""
+    from models.compressive import CompressiveConfig
+    from naive_compressive import naive_compressive
+
+    export = make_export(shards, tmp_path / "c", family="compressive", tgt_len=4, mem_len=4,
+                         compressive=CompressiveConfig(cmem_len=6, ratio=2))
+    n, steps = 2, 9
+    rep = run_eval(shards, export, tmp_path / "out", f"eval.n_streams={n}", "eval.tgt_len=4", "eval.mem_len=4",
+                   "eval.cmem_len=3", "eval.warm_tokens=0", f"eval.max_steps={steps}", "eval.attention_buckets=3")
+    row = rep["results"][0]
+    assert row["settings"]["cmem_len"] == 3 and row["settings"]["mem_len"] == 4
+    x = raw_tokens(shards, "valid")
+    L = (len(x) - 1) // n
+    model = direct_model(export)
+    model.set_lengths(cmem_len=3)
+    total = sum(float(naive_compressive(model, torch.from_numpy(x[b * L: b * L + 4 * steps + 1])[None], 4)
+                      .double().sum()) for b in range(n))
+    assert row["tokens"] == n * 4 * steps
+    assert row["nll_sum"] == pytest.approx(total, rel=1e-6)
+    attention = row["attention"]
+    assert set(attention["regions"]) == {"compressed", "memory", "segment"}
+    assert sum(attention["regions"].values()) == pytest.approx(1.0)
+    assert attention["regions"]["compressed"] > 0 and len(attention["age_buckets"]["memory"]) == 3
+    assert len(attention["per_layer"]["segment"]) == 2

@@ -109,6 +109,30 @@ def test_cost_per_token_is_flat_once_memory_is_full(export_dir):
     assert len(res["step_seconds"]) == 29 and res["memory_len"] == 32
 
 
+@torch.no_grad()
+def test_compressive_generation_carries_both_memories(tmp_path):
+    """Prompt in segments, then one token at a time: with a segment of c tokens, rows are
+    compressed at the same moments either way, so the cached log-probs are those of the naive
+    model run over the whole sequence in segments."""
+    from models.compressive import CompressiveConfig
+    from naive_compressive import naive_compressive
+
+    shards = make_shards(tmp_path / "data", n_docs=60)
+    export = export_of(shards, tmp_path / "c", family="compressive", tgt_len=2, mem_len=8,
+                       compressive=CompressiveConfig(cmem_len=4, ratio=2))
+    model, _, _ = load_export(export)
+    x = torch.randint(0, 256, (1, 41), generator=torch.Generator().manual_seed(3))
+    want = naive_compressive(model, x, 2)[0]                   # want[t] = -log p(x[t+1] | x[:t+1])
+    lm = CachedLM(model)
+    got = [-lm.feed(x[0, :16])[x[0, 16]]]
+    for t in range(16, 40):
+        got.append(-lm.feed([int(x[0, t])])[x[0, t + 1]])
+    torch.testing.assert_close(torch.stack(got), want[15:], rtol=1e-5, atol=1e-5)
+    assert lm.memory.cmlen == 4 and lm.memory.mlen == 8
+    ids = generate(model, [1, 2, 3], 12, seed=0)["ids"]
+    assert ids == generate(model, [1, 2, 3], 12, seed=0)["ids"]
+
+
 def test_alrfou_window_bounds_the_cost(tmp_path):
     shards = make_shards(tmp_path / "data", n_docs=60)
     export = export_of(shards, tmp_path / "v", family="vanilla", attn_type="learned", tgt_len=16, mem_len=15)
