@@ -41,6 +41,14 @@ def closed_form(m) -> int:
     softmax = m.n_token + n_clusters * (d_embed + 1) + sum(out_projs)  # biases, cluster logits, projections
     if not m.tie_weight:
         softmax += sum(n * w for n, w in tables)
+    if m.family == "compressive":                            # f_c per layer (and decoders, training only)
+        c = m.compressive
+        if c.compression in ("conv", "dilated_conv"):
+            layer += d * d * c.ratio + d
+        if c.compression == "dilated_conv":
+            layer += d * d * 3 + d
+        if c.loss == "autoencoder":
+            layer += d * c.ratio * d + c.ratio * d
     return m.n_layer * layer + extra + embeddings + softmax
 
 
@@ -103,3 +111,25 @@ def test_closed_form_tracks_variants(overrides):
     with torch.device("meta"):
         model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) == closed_form(cfg)
+
+
+@pytest.mark.parametrize("name,n_token,total,transformer_xl", [
+    # Rae et al. quote 277M for enwik8: exactly the Transformer-XL part at 256 bytes.
+    ("compressive_enwik8", 256, 352_807_168, 277_285_120),
+    ("compressive_wt103", 267_735, 360_721_226, 285_205_322),
+    ("compressive_pg19", 32_000, 599_401_728, 523_867_392),
+])
+def test_compressive_configs(name, n_token, total, transformer_xl):
+    n, formula = count(name, n_token)
+    assert n == formula == total
+    cfg = load_config(CONFIGS / f"{name}.yaml", [f"model.n_token={n_token}", "model.family=transformer_xl"]).model
+    with torch.device("meta"):
+        assert sum(p.numel() for p in build_model(cfg).parameters()) == transformer_xl
+
+
+@pytest.mark.parametrize("compression,loss", [("dilated_conv", "attention"), ("conv", "autoencoder"),
+                                              ("mean_pool", "none"), ("most_used", "none")])
+def test_compressive_variants_count_their_compression(compression, loss):
+    n, formula = count("compressive_enwik8", 256, **{"compressive.compression": compression,
+                                                     "compressive.loss": loss})
+    assert n == formula
