@@ -82,6 +82,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr (reference PyTorch 0, TF 0.01)
     clip: float = 0.25               # global grad-norm clip; 0 disables
     fused_optimizer: bool = True     # on CUDA: DeepSpeed's (or apex's) fused Adam/AdamW
+    # Rae et al.'s alternative to a lower learning rate late in training: from update
+    # late_update_step on, one optimizer update per late_update_every segments of every stream
+    # (gradients accumulated over them; 1: off). Steps count updates everywhere.
+    late_update_step: int = 0
+    late_update_every: int = 1
 
     # Precision and ZeRO.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -249,6 +254,8 @@ RANGES: dict[str, tuple] = {
     "train.warmup_steps": (*_ge(0), ""),
     "train.min_lr_ratio": (*_within(0.0, 1.0), ""),
     "train.clip": (*_ge(0.0), "0: no clipping"),
+    "train.late_update_step": (*_ge(0), ""),
+    "train.late_update_every": (*_ge(1), "1: every step updates"),
     "train.zero_stage": (*_within(0, 3), ""),
     "train.fp16_initial_scale_power": (*_within(0, 64), ""),
     "train.fp16_loss_scale_window": (*_ge(1), ""),

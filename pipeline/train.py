@@ -3,10 +3,12 @@
     python -m pipeline.train --config configs/tiny.yaml [key=value ...]
     torchrun --nproc_per_node 2 -m pipeline.train --config ...      (or srun: cluster/train.sh)
 
-One step = ``train.micro_batches`` micro-batches per rank. Micro-batch m owns a block of streams
-and its own memory ``memories[m]`` (NVIDIA's batch_chunk); each runs forward → backward →
-``engine.step()`` (DeepSpeed averages over the accumulation and updates at the boundary) and
-its new memory feeds the same streams next step. At every boundary one all-reduce sums the
+One step (one optimizer update) = ``train.micro_batches`` micro-batches per rank. Micro-batch m
+owns a block of streams and its own memory ``memories[m]`` (NVIDIA's batch_chunk); each runs
+forward → backward → ``engine.step()`` (DeepSpeed averages over the accumulation and updates at
+the boundary) and its new memory feeds the same streams next. From ``train.late_update_step`` on,
+a step runs ``train.late_update_every`` rounds of them, consecutive segments of every stream
+accumulated into one update (Rae et al.'s late-training alternative to a lower learning rate). At every boundary one all-reduce sums the
 loss and agrees on two flags: a non-finite loss (stop with an error naming step, ranks and
 streams, before the update is applied; under fp16 the loss scaler skips instead) and a
 preemption signal (all ranks save, rank 0 requeues under SLURM, exit 0). A checkpoint resumes
@@ -207,7 +209,10 @@ class Run:
             log.info("resumed from %s at step %d", point.path, self.step)
 
         self.bpc = manifest.tokenizer.get("kind") in BPC_TOKENIZERS
-        self.tokens_per_step = t.n_streams * t.tgt_len
+        self.tokens_per_round = t.n_streams * t.tgt_len
+        self.base_batch = self.engine.train_batch_size()
+        self.rounds = 0
+        self._set_rounds()
         out = Path(t.output)
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -222,18 +227,40 @@ class Run:
         self.engine.train()
 
     def _reset_window(self) -> None:
-        self.window = {"loss": 0.0, "count": 0.0, "time": 0.0, "steps": 0}
+        self.window = {"loss": 0.0, "count": 0.0, "time": 0.0, "tokens": 0}
 
+    def rounds_at(self, step: int) -> int:
+        """Segments of every stream the update after ``step`` updates accumulates."""
+        t = self.t
+        return t.late_update_every if t.late_update_every > 1 and step >= t.late_update_step else 1
+
+    def tokens_seen(self, step: int) -> int:
+        t = self.t
+        late = max(0, step - t.late_update_step) if t.late_update_every > 1 else 0
+        return (step - late + late * t.late_update_every) * self.tokens_per_round
+
+    def _set_rounds(self) -> None:
+        """DeepSpeed's accumulation count (its loss scaling) for the next update's rounds."""
+        rounds = self.rounds_at(self.step)
+        if rounds != self.rounds:
+            self.engine.set_train_batch_size(self.base_batch * rounds)
+            self.rounds = rounds
     def train_step(self, hooks: Hooks, stop_requested: bool) -> dict:
         """One optimizer step over every micro-batch; ``stop`` says whether any rank was signalled."""
         t, engine = self.t, self.engine
         tic = time.perf_counter()
         self.module.set_progress(self.step / t.max_steps)
+        self._set_rounds()
+        n_micro = self.rounds * t.micro_batches
         loss_sum, bad = 0.0, []
-        for m in range(t.micro_batches):
+        for k in range(n_micro):
+            m = k % t.micro_batches
             batch = next(self.streams)
             inputs = batch.inputs.to(self.device, non_blocking=True)
             targets = batch.targets.to(self.device, non_blocking=True)
+            # The boundary is ours to say: DeepSpeed's own count (micro steps modulo the
+            # accumulation) would be off after the accumulation count changes mid-run.
+            engine.set_gradient_accumulation_boundary(k == n_micro - 1)
             out = engine(inputs, targets, memory=self.memories[m])
             value = float(out.loss.detach().float())
             if math.isfinite(float(out.objective.detach().float())):
@@ -244,11 +271,11 @@ class Run:
                 hooks.on_micro_batch(self.step, batch, out)
             engine.backward(out.objective)
             self.memories[m] = out.memory
-            if m < t.micro_batches - 1:
+            if k < n_micro - 1:
                 engine.step()        # accumulates; DeepSpeed updates at the boundary only
         # One collective per step: the loss, and the non-finite and stop flags of every rank.
         total, n_good, n_bad, n_stop = distributed.all_reduce_sum(
-            [loss_sum, float(t.micro_batches - len(bad)), float(len(bad)), float(stop_requested)])
+            [loss_sum, float(n_micro - len(bad)), float(len(bad)), float(stop_requested)])
         if n_bad and t.precision != "fp16":      # before the update: nothing is trained through
             raise _non_finite(self.step, self.rank, bad)
         engine.step()
@@ -260,7 +287,7 @@ class Run:
         self.window["loss"] += total
         self.window["count"] += n_good
         self.window["time"] += time.perf_counter() - tic
-        self.window["steps"] += 1
+        self.window["tokens"] += self.rounds * self.tokens_per_round
         self.summary["losses"].append(loss)
         return {"loss": loss, "lr": engine.get_lr()[0], "stop": bool(n_stop), "non_finite": int(n_bad)}
 
@@ -279,9 +306,9 @@ class Run:
         if scale is not None:
             metrics["loss_scale"] = scale
             metrics["skipped_steps"] = engine.skipped_steps - self.skipped0
-        metrics["tokens_per_s"] = w["steps"] * self.tokens_per_step / max(w["time"], 1e-9)
+        metrics["tokens_per_s"] = w["tokens"] / max(w["time"], 1e-9)
         metrics["peak_mem_gib"] = _peak_memory_gib(self.device)
-        metrics["tokens_seen"] = self.step * self.tokens_per_step
+        metrics["tokens_seen"] = self.tokens_seen(self.step)
         if self.rank == 0:
             log.info("%s", _line(self.step, self.t.max_steps, metrics))
         self.tracker.log_metrics(metrics, self.step)
@@ -315,7 +342,7 @@ class Run:
         rank_state = save_states(self.rank_state(), self.rank)
         meta = ckpt.CheckpointMeta(
             tag=ckpt.tag_for(self.step), step=self.step, world_size=self.world, micro_batches=t.micro_batches,
-            n_streams=t.n_streams, tokens_seen=self.step * self.tokens_per_step, mlflow_run_id=self.tracker.run_id,
+            n_streams=t.n_streams, tokens_seen=self.tokens_seen(self.step), mlflow_run_id=self.tracker.run_id,
             manifest=ckpt.manifest_summary(self.manifest), config=to_dict(self.cfg), zero_stage=t.zero_stage,
             precision=t.precision)
         path = ckpt.save(self.engine, t.output, rank_state, meta, t.keep_last)
@@ -335,7 +362,7 @@ class Run:
                         "; job requeued" if requeued else "")
 
     def close(self) -> None:
-        self.summary.update(step=self.step, tokens_seen=self.step * self.tokens_per_step)
+        self.summary.update(step=self.step, tokens_seen=self.tokens_seen(self.step))
         self.streams.close()
         self.engine = self.module = self.memories = None   # see release_process_group
 

@@ -266,6 +266,32 @@ def test_sigusr1_to_one_rank_saves_exits_zero_and_resumes_to_the_same_weights(ru
     assert_same_weights(weights(runs.ckpt("preempt-resume", 6)), weights(runs.ckpt("stage2", 6)))
 
 
+# ----------------------------------------------------------------------------- late updates
+
+LATE = ["train.late_update_step=3", "train.late_update_every=2"]
+
+
+def test_late_updates_accumulate_consecutive_segments(runs):
+    """Rae et al.'s late-training trick: from update 3 on, each update accumulates 2 consecutive
+    segments of every stream. Until then the run is the plain one; after, it reads the stream
+    two segments per update; a resume at the switch and ZeRO-2 reach the same weights."""
+    ref = runs.run("stage0", ["train.zero_stage=0"])
+    late = runs.run("late", ["train.zero_stage=0", *LATE])
+    assert late[0]["tokens_seen"] == (3 + 3 * 2) * 4 * 8 and late[0]["step"] == 6
+    assert late[0]["losses"][:3] == ref[0]["losses"][:3]
+    a, r = per_stream(late), per_stream(ref)
+    for step in (0, 1, 2):
+        assert a[step] == r[step]
+    for sid in range(4):
+        assert a[3][sid][1] == r[4][sid][1]                 # update 4's last round: the plain run's step 5
+    assert all(math.isfinite(x) for x in late[0]["losses"])
+    resumed = runs.run("late-resumed", ["train.zero_stage=0", *LATE], seed_from=("late", 3))
+    assert resumed[0]["losses"] == late[0]["losses"][3:]
+    assert_same_weights(weights(runs.ckpt("late-resumed", 6)), weights(runs.ckpt("late", 6)))
+    runs.run("late2", ["train.zero_stage=2", *LATE], record=False)
+    assert_same_weights(weights(runs.ckpt("late2", 6)), weights(runs.ckpt("late", 6)), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- elastic
 
 
