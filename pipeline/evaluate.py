@@ -174,8 +174,9 @@ def evaluate(cfg: Config) -> dict:
                 log.info("%s | tgt %d mem %d | %s start | %s tokens | %s | %.0f tok/s", e.split,
                          settings["tgt_len"], settings["mem_len"], settings["start"], f"{res['tokens']:,}",
                          headline(row["metrics"]), res["tokens_per_s"])
-                if row.get("attention", {}).get("regions"):
-                    log.info("attention: %s", " | ".join(f"{r} {v:.3f}" for r, v in row["attention"]["regions"].items()))
+                shares = row.get("attention", {}).get("regions")
+                if shares:
+                    log.info("attention: %s", " | ".join(f"{r} {v:.3f}" for r, v in shares.items()))
             if "dump" in res and res["dump"] is not None:
                 tokens = SplitTokens(cfg.data.output, manifest, e.split)
                 try:

@@ -8,10 +8,10 @@ owns a block of streams and its own memory ``memories[m]`` (NVIDIA's batch_chunk
 forward → backward → ``engine.step()`` (DeepSpeed averages over the accumulation and updates at
 the boundary) and its new memory feeds the same streams next. From ``train.late_update_step`` on,
 a step runs ``train.late_update_every`` rounds of them, consecutive segments of every stream
-accumulated into one update (Rae et al.'s late-training alternative to a lower learning rate). At every boundary one all-reduce sums the
-loss and agrees on two flags: a non-finite loss (stop with an error naming step, ranks and
-streams, before the update is applied; under fp16 the loss scaler skips instead) and a
-preemption signal (all ranks save, rank 0 requeues under SLURM, exit 0). A checkpoint resumes
+accumulated into one update (Rae et al.'s late-training alternative to a lower learning rate).
+At every boundary one all-reduce sums the loss and agrees on two flags: a non-finite loss (stop
+with an error naming step, ranks and streams, before the update is applied; under fp16 the loss
+scaler skips instead) and a preemption signal (all ranks save, rank 0 requeues under SLURM, exit 0). A checkpoint resumes
 bitwise on the same world size and by stream id on another (pipeline/runtime/checkpoint.py, resume.py).
 """
 from __future__ import annotations

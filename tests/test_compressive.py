@@ -12,11 +12,11 @@ import dataclasses
 
 import pytest
 import torch
+from naive_compressive import naive_compressive
 
 from models import ModelConfig, build_model
 from models.compressive import COMPRESSIONS, Compression, CompressiveConfig, CompressiveMemory
 from models.diagnostics import attention_metrics
-from naive_compressive import naive_compressive
 
 V = 29
 

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-
 from test_train import Runs, assert_same_weights, per_stream, weights
 
 pytestmark = pytest.mark.slow

@@ -365,8 +365,9 @@ def test_from_a_tracked_training_checkpoint(shards, tmp_path):
 def test_compressive_evaluation_equals_the_naive_model_and_reports_attention(shards, tmp_path):
     """A Compressive Transformer export, evaluated with a shorter compressed memory than it was
     built with, against tests/naive_compressive.py over the raw stream tokens (cold start)."""
-    from models.compressive import CompressiveConfig
     from naive_compressive import naive_compressive
+
+    from models.compressive import CompressiveConfig
 
     export = make_export(shards, tmp_path / "c", family="compressive", tgt_len=4, mem_len=4,
                          compressive=CompressiveConfig(cmem_len=6, ratio=2))

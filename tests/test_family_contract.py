@@ -13,11 +13,11 @@ from typing import Callable
 
 import pytest
 import torch
+from naive_compressive import naive_compressive
 
 from models import REGISTRY, LanguageModel, Memory, ModelConfig, build_model
 from models.base import LENGTHS
 from models.compressive import CompressiveConfig
-from naive_compressive import naive_compressive
 
 V = 37
 SMALL = dict(n_token=V, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.1, dropatt=0.1)

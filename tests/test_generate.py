@@ -114,8 +114,9 @@ def test_compressive_generation_carries_both_memories(tmp_path):
     """Prompt in segments, then one token at a time: with a segment of c tokens, rows are
     compressed at the same moments either way, so the cached log-probs are those of the naive
     model run over the whole sequence in segments."""
-    from models.compressive import CompressiveConfig
     from naive_compressive import naive_compressive
+
+    from models.compressive import CompressiveConfig
 
     shards = make_shards(tmp_path / "data", n_docs=60)
     export = export_of(shards, tmp_path / "c", family="compressive", tgt_len=2, mem_len=8,
