@@ -11,8 +11,9 @@ a step runs ``train.late_update_every`` rounds of them, consecutive segments of 
 accumulated into one update (Rae et al.'s late-training alternative to a lower learning rate).
 At every boundary one all-reduce sums the loss and agrees on two flags: a non-finite loss (stop
 with an error naming step, ranks and streams, before the update is applied; under fp16 the loss
-scaler skips instead) and a preemption signal (all ranks save, rank 0 requeues under SLURM, exit 0). A checkpoint resumes
-bitwise on the same world size and by stream id on another (pipeline/runtime/checkpoint.py, resume.py).
+scaler skips instead) and a preemption signal (all ranks save, rank 0 requeues under SLURM,
+exit 0). A checkpoint resumes bitwise on the same world size and by stream id on another
+(pipeline/runtime/checkpoint.py, resume.py).
 """
 from __future__ import annotations
 
