@@ -16,6 +16,37 @@ import torch
 from naive_positions import naive_sinusoid
 
 
+def naive_layer(model, layer, h: torch.Tensor, memory: list, extra=None):
+    """One post-LN Transformer-XL layer over ``memory`` (rows [B, d], oldest first) and the segment
+    ``h [B, q, d]``: Dai et al.'s four terms with each distance written out, a future key skipped.
+    ``extra [B, q, d]`` is added to the output projection. Returns (output, probs [B, H, q, k])."""
+    cfg, att = model.cfg, layer.dec_attn
+    H, D, d = cfg.n_head, cfg.d_head, cfg.d_model
+    q = h.size(1)
+    keys = memory + [h[:, t] for t in range(q)]
+    M = len(memory)
+    Wq, Wk, Wv = att.qkv_net.weight.split(H * D, dim=0)
+    kv = torch.stack(keys, dim=1)                                   # [B, K, d]
+    Q = (h @ Wq.t()).view(-1, q, H, D)
+    K_ = (kv @ Wk.t()).view(-1, len(keys), H, D)
+    V = (kv @ Wv.t()).view(-1, len(keys), H, D)
+    out = torch.zeros(h.size(0), q, H, D)
+    probs = torch.zeros(h.size(0), H, q, len(keys))
+    for t in range(q):
+        visible = list(range(M + t + 1))                              # everything up to itself
+        R = naive_sinusoid([M + t - j for j in visible], d) @ att.r_net.weight.t()   # [n, H*D]
+        R = R.view(len(visible), H, D)
+        a = torch.einsum("bhd,bjhd->bhj", Q[:, t] + model.r_w_bias, K_[:, visible])
+        b = torch.einsum("bhd,jhd->bhj", Q[:, t] + model.r_r_bias, R)
+        p = torch.softmax((a + b) / math.sqrt(D), dim=-1)
+        probs[:, :, t, : len(visible)] = p
+        out[:, t] = torch.einsum("bhj,bjhd->bhd", p, V[:, visible])
+    proj = out.flatten(2) @ att.o_net.weight.t()
+    if extra is not None:
+        proj = proj + extra
+    return layer.pos_ff(att.layer_norm(h + proj)), probs
+
+
 @torch.no_grad()
 def naive_compressive(model, tokens: torch.Tensor, segment: int, keep_probs: bool = False):
     """Per-token NLL ``[B, T-1]`` of ``tokens [B, T]`` fed ``segment`` tokens at a time from empty
@@ -23,7 +54,7 @@ def naive_compressive(model, tokens: torch.Tensor, segment: int, keep_probs: boo
     the (compressed, memory, segment) key counts."""
     cfg, ratio = model.cfg, model.cfg.compressive.ratio
     mem_len, cmem_len = model.mem_len, model.cmem_len          # the lengths set now (evaluation may change them)
-    H, D, d = cfg.n_head, cfg.d_head, cfg.d_model
+    d = cfg.d_model
     mem = [[] for _ in range(cfg.n_layer)]       # rows [B, d], oldest first
     cmem = [[] for _ in range(cfg.n_layer)]
     usage = [[] for _ in range(cfg.n_layer)]     # most_used: attention each memory row has had, [B]
@@ -35,27 +66,7 @@ def naive_compressive(model, tokens: torch.Tensor, segment: int, keep_probs: boo
         inputs, forward_probs = [], []
         for i, layer in enumerate(model.layers):
             inputs.append(h)
-            att = layer.dec_attn
-            keys = cmem[i] + mem[i] + [h[:, t] for t in range(q)]
-            M = len(cmem[i]) + len(mem[i])
-            Wq, Wk, Wv = att.qkv_net.weight.split(H * D, dim=0)
-            kv = torch.stack(keys, dim=1)                                   # [B, K, d]
-            Q = (h @ Wq.t()).view(-1, q, H, D)
-            K_ = (kv @ Wk.t()).view(-1, len(keys), H, D)
-            V = (kv @ Wv.t()).view(-1, len(keys), H, D)
-            out = torch.zeros(h.size(0), q, H, D)
-            probs = torch.zeros(h.size(0), H, q, len(keys))
-            for t in range(q):
-                visible = list(range(M + t + 1))                              # everything up to itself
-                R = naive_sinusoid([M + t - j for j in visible], d) @ att.r_net.weight.t()   # [n, H*D]
-                R = R.view(len(visible), H, D)
-                a = torch.einsum("bhd,bjhd->bhj", Q[:, t] + model.r_w_bias, K_[:, visible])
-                b = torch.einsum("bhd,jhd->bhj", Q[:, t] + model.r_r_bias, R)
-                p = torch.softmax((a + b) / math.sqrt(D), dim=-1)
-                probs[:, :, t, : len(visible)] = p
-                out[:, t] = torch.einsum("bhj,bjhd->bhd", p, V[:, visible])
-            h = att.layer_norm(h + out.flatten(2) @ att.o_net.weight.t())
-            h = layer.pos_ff(h)
+            h, probs = naive_layer(model, layer, h, cmem[i] + mem[i])
             forward_probs.append(probs)
         nlls.append(model.crit(h.reshape(-1, d), y.reshape(-1))[0].view(h.size(0), -1))
         seen.append((forward_probs, (len(cmem[0]), len(mem[0]), q)))

@@ -137,8 +137,13 @@ class _MemoryAttention(nn.Module):
         probs, self.probs = self.probs, None
         return probs
 
-    def _output(self, h: Tensor, attn_vec: Tensor) -> Tensor:
-        out = self.drop(self.o_net(attn_vec))
+    def _output(self, h: Tensor, attn_vec: Tensor, extra: Optional[Tensor] = None) -> Tensor:
+        """Output projection (plus ``extra``, e.g. the ∞-former's long-term read), dropout,
+        residual and LayerNorm (post-LN) or residual only (pre-LN)."""
+        out = self.o_net(attn_vec)
+        if extra is not None:
+            out = out + extra
+        out = self.drop(out)
         return h + out if self.pre_lnorm else self.layer_norm(h + out)
 
 
@@ -160,16 +165,18 @@ class RelPartialLearnableAttention(_MemoryAttention):
             self.r_w_bias = self.r_r_bias = None
 
     def forward(self, h: Tensor, mem: Optional[Tensor], r: Tensor, mask: Tensor,
-                r_w_bias: Optional[Tensor] = None, r_r_bias: Optional[Tensor] = None) -> Tensor:
+                r_w_bias: Optional[Tensor] = None, r_r_bias: Optional[Tensor] = None,
+                extra: Optional[Tensor] = None) -> Tensor:
         """h ``[B, q, d]``, mem ``[B, m, d]`` or None, r ``[m+q+1, d]`` encodings of distances
-        ``m+q .. 0`` (see positions.rel_shift), mask ``[q, m+q]`` additive or bool."""
+        ``m+q .. 0`` (see positions.rel_shift), mask ``[q, m+q]`` additive or bool; ``extra``
+        ``[B, q, d]`` is added to the output projection (see ``_output``)."""
         u = self.r_w_bias if self.r_w_bias is not None else r_w_bias
         v_bias = self.r_r_bias if self.r_r_bias is not None else r_r_bias
         q, k, v = self._project(h, mem)
         r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, k+1]
         ac_q = q + (u * self.scale).unsqueeze(1)
         bd = torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k)  # [B, H, q, k+1], shifted in _attend
-        return self._output(h, self._attend(ac_q, k, v, bd, mask))
+        return self._output(h, self._attend(ac_q, k, v, bd, mask), extra)
 
 
 class RelLearnableAttention(_MemoryAttention):
