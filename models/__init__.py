@@ -15,6 +15,7 @@ REGISTRY = {
     "transformer_xl": "models.transformer_xl:TransformerXL",
     "vanilla": "models.vanilla:VanillaTransformer",
     "compressive": "models.compressive:CompressiveTransformer",
+    "infinite_former": "models.infinite_former:InfiniteFormer",
 }
 
 

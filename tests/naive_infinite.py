@@ -13,7 +13,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from naive_compressive import naive_layer
 
 

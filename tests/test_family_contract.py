@@ -14,10 +14,12 @@ from typing import Callable
 import pytest
 import torch
 from naive_compressive import naive_compressive
+from naive_infinite import naive_infinite
 
 from models import REGISTRY, LanguageModel, Memory, ModelConfig, build_model
 from models.base import LENGTHS
 from models.compressive import CompressiveConfig
+from models.infinite_former import InfiniteFormerConfig
 
 V = 37
 SMALL = dict(n_token=V, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.1, dropatt=0.1)
@@ -32,6 +34,11 @@ def txl_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
 def compressive_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
     """Every segment over [compressed; memory; segment] written out from the paper (naive_compressive)."""
     return naive_compressive(model, tokens, model.cfg.tgt_len)
+
+
+def infinite_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Short-term attention and the long-term memory's fits and reads rebuilt from the paper (naive_infinite)."""
+    return naive_infinite(model, tokens, model.cfg.tgt_len)
 
 
 def window_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -71,6 +78,13 @@ SPECS = {
                         segment=4, n_segments=5, reference=compressive_reference,
                         eval_lengths={"tgt_len": 2, "mem_len": 7, "clamp_len": 3, "same_length": True,
                                       "cmem_len": 5}),
+    # Segment, memory and chunk 4: the third forward writes the first chunk into the long-term
+    # memory, the fourth and fifth contract it and add theirs (8 basis functions, 6 samples).
+    "infinite_former": Spec(ModelConfig(family="infinite_former", **SMALL, tgt_len=4, mem_len=4, init_std=0.3,
+                                        infinite_former=InfiniteFormerConfig(n_basis=8, widths=[0.1, 0.3],
+                                                                             n_samples=6)),
+                            segment=4, n_segments=5, reference=infinite_reference,
+                            eval_lengths={"tgt_len": 2, "mem_len": 7, "clamp_len": 3, "same_length": True}),
 }
 
 

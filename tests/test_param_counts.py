@@ -49,6 +49,11 @@ def closed_form(m) -> int:
             layer += d * d * 3 + d
         if c.loss == "autoencoder":
             layer += d * c.ratio * d + c.ratio * d
+    if m.family == "infinite_former":                        # the long-term attention per layer
+        f = m.infinite_former
+        layer += 3 * d * hd + 2 * f.n_basis                  # W_K, W_V, W_O; w_mu, w_sigma
+        if f.gate:
+            layer += 3 * d * d + d                           # the kernel-3 gate convolution
     return m.n_layer * layer + extra + embeddings + softmax
 
 
@@ -133,3 +138,9 @@ def test_compressive_variants_count_their_compression(compression, loss):
     n, formula = count("compressive_enwik8", 256, **{"compressive.compression": compression,
                                                      "compressive.loss": loss})
     assert n == formula
+
+
+def test_infinite_former_wt103():
+    # Transformer-XL base's 151,107,538 plus per layer W_K, W_V, W_O, w_mu, w_sigma and the gate.
+    n, formula = count("infinite_former_wt103", 267_735)
+    assert n == formula == 167_268_082
