@@ -18,8 +18,9 @@ Choices where the paper leaves the mechanics open (docs/architecture.md, "Compre
   ``most_used`` (the ⌊n/c⌋ evicted rows with the highest accumulated attention, in time order).
 - Losses train f_c only (``loss``): ``attention`` — MSE between content-only attention of the
   segment's layer inputs over the evicted rows and over their compression, with the layer's own
-  projections and LayerNorm (``F.linear(x, W.detach())``: no parameter's ``requires_grad`` is
-  ever changed, unlike lucidrains' ``detach_``); ``autoencoder`` — MSE of the evicted rows
+  projections and LayerNorm run with their weights detached (``weights_detached``: the modules
+  are still called, so ZeRO-3 gathers them; no parameter's ``requires_grad`` ever changes, unlike
+  lucidrains' ``detach_``); ``autoencoder`` — MSE of the evicted rows
   decoded back from their compression by a training-only linear decoder. Summed over layers,
   times ``loss_weight``, returned as ``aux_loss`` in training; the memories are stop-gradient,
   so the task loss never reaches f_c. Evaluation computes no compression loss.
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.memory import Memory
+from models.modules.layers import weights_detached
 from models.transformer_xl import TransformerXL
 
 if TYPE_CHECKING:          # models.config nests CompressiveConfig, so it imports this module
@@ -281,20 +283,15 @@ class CompressiveTransformer(TransformerXL):
 
 def content_attention(attn, h: Tensor, mem: Tensor) -> Tensor:
     """softmax(q·kᵀ/√d_head)·v of queries from ``h`` over ``mem``, per head, with the layer's own
-    projections (and LayerNorm under pre-LN) detached: the attention-reconstruction loss's
-    content-only attention. ``h`` and ``mem`` are detached too; gradient reaches ``mem`` only
-    through the caller's graph (the compressed rows)."""
+    projections (and LayerNorm under pre-LN) run with their weights detached
+    (``weights_detached``): the attention-reconstruction loss's content-only attention. ``h`` is
+    detached too; gradient reaches ``mem`` only through the caller's graph (the compressed rows)."""
     hd = attn.n_head * attn.d_head
-    w = attn.qkv_net.weight.detach()
-    if attn.pre_lnorm:
-        ln = attn.layer_norm
-        def norm(x: Tensor) -> Tensor:
-            return F.layer_norm(x, ln.normalized_shape, ln.weight.detach(), ln.bias.detach(), ln.eps)
-    else:
-        def norm(x: Tensor) -> Tensor:
-            return x
-    q = F.linear(norm(h.detach()), w[:hd])
-    k, v = F.linear(norm(mem), w[hd:]).split(hd, dim=-1)
+    with weights_detached(attn.qkv_net, attn.layer_norm):
+        def project(x: Tensor) -> Tensor:
+            return attn.qkv_net(attn.layer_norm(x) if attn.pre_lnorm else x)
+        q = project(h.detach())[..., :hd]
+        k, v = project(mem)[..., hd:].split(hd, dim=-1)
     q, k, v = (x.unflatten(-1, (attn.n_head, attn.d_head)).transpose(1, 2) for x in (q, k, v))
     prob = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1, dtype=torch.float32)
     return torch.matmul(prob.to(v.dtype), v).transpose(1, 2).flatten(2)

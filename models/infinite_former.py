@@ -28,7 +28,6 @@ condition we do not copy.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import field
 from typing import TYPE_CHECKING, List, Optional
 
@@ -109,11 +108,12 @@ class LongTermAttention(nn.Module):
         return x * torch.sigmoid(self.gate(x.transpose(1, 2)).transpose(1, 2))
 
     def forward(self, q: Tensor, coef: Tensor, basis: GaussianBasis, min_var: float):
-        """q ``[B, H, Lq, D]`` (unscaled queries), coef ``[B, N, d]`` -> (read ``[B, Lq, d]``, μ, σ²)."""
+        """q ``[B, H, Lq, D]`` (the layer's queries, scaled by 1/√D), coef ``[B, N, d]`` ->
+        (read ``[B, Lq, d]``, μ, σ²)."""
         B, H, Lq, D = q.shape
         k = self.key(coef).view(B, -1, H, D).transpose(1, 2)              # [B, H, N, D]
         v = self.value(coef).view(B, -1, H, D).transpose(1, 2)
-        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)           # [B, H, Lq, N]
+        s = torch.matmul(q, k.transpose(-1, -2))                          # q·k/√D: [B, H, Lq, N]
         mu = torch.sigmoid(self.mu(s)).squeeze(-1)
         var = F.softplus(self.var(s)).squeeze(-1).clamp(min=min_var)
         r = basis.expectation(mu.float(), var.float()).to(v.dtype)        # [B, H, Lq, N]
@@ -233,16 +233,17 @@ class InfiniteFormer(TransformerXL):
         pos, mask = self._positions(qlen, mlen, h)
         reads: list = []
 
-        def ltm_read(i: int, x: Tensor) -> Optional[Tensor]:
+        def ltm_read(i: int):
+            """Layer i's long-term read, from the queries its attention computes (so every
+            parameter is used inside its module's forward: ZeRO-3 gathers it there)."""
             if coef is None:
                 return None
-            attn = self.layers[i].dec_attn
-            x = attn.layer_norm(x) if attn.pre_lnorm else x
-            hd = attn.n_head * attn.d_head
-            q = F.linear(x, attn.qkv_net.weight[:hd]).unflatten(-1, (attn.n_head, attn.d_head)).transpose(1, 2)
-            z, mu, var = self.ltm[i](q, coef[:, i], self.basis, self.ltm_cfg.min_var)
-            reads.append((mu, var))
-            return z
+
+            def read(q: Tensor) -> Tensor:
+                z, mu, var = self.ltm[i](q, coef[:, i], self.basis, self.ltm_cfg.min_var)
+                reads.append((mu, var))
+                return z
+            return read
 
         mems = [None if hid is None else hid[:, i] for i in range(self.n_layer)]
         h, hids, _ = self._layers(h, mems, pos, mask, (mlen, qlen), extra=ltm_read)

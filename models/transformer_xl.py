@@ -69,8 +69,8 @@ class TXLLayer(nn.Module):
         self.pos_ff.drop = Dropout(cfg.dropout)  # same dropout, cheaper mask on CPU (models/modules/dropout.py)
 
     def forward(self, h: Tensor, mem: Optional[Tensor], pos: Optional[Tensor], mask: Tensor,
-                r_w_bias: Optional[Tensor], r_r_bias: Optional[Tensor], extra: Optional[Tensor] = None) -> Tensor:
-        """``extra`` (relative attention only) is added to the attention's output projection."""
+                r_w_bias: Optional[Tensor], r_r_bias: Optional[Tensor], extra: Optional[Callable] = None) -> Tensor:
+        """``extra(q)`` (relative attention only): a term added to the attention's output projection."""
         if self.attn_type == "relative":
             h = self.dec_attn(h, mem, pos, mask, r_w_bias, r_r_bias, extra)
         elif self.attn_type == "shaw":
@@ -373,17 +373,17 @@ class TransformerXL(LanguageModel):
         return pos, self._mask(qlen, mlen, h.device, h.dtype)
 
     def _layers(self, h: Tensor, mems: list[Optional[Tensor]], pos: Optional[Tensor], mask: Tensor,
-                regions: tuple[int, ...], extra: Optional[Callable[[int, Tensor], Optional[Tensor]]] = None,
+                regions: tuple[int, ...], extra: Optional[Callable[[int], Optional[Callable]]] = None,
                 ) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]]]:
         """Every layer over its memory; returns the output, each layer's input and (when kept)
         each layer's attention probabilities. ``regions``: key rows per ``memory_regions``;
-        ``extra(i, h)``: a term added to layer i's attention output, from its input h."""
+        ``extra(i)``: None or layer i's ``extra(q)`` (see TXLLayer)."""
         keep = self._keep_probs()
         hids, probs = [], []
         for i, layer in enumerate(self.layers):
             hids.append(h)
             layer.dec_attn.keep_probs = keep
-            h = layer(h, mems[i], pos, mask, self.r_w_bias, self.r_r_bias, None if extra is None else extra(i, h))
+            h = layer(h, mems[i], pos, mask, self.r_w_bias, self.r_r_bias, None if extra is None else extra(i))
             p = layer.dec_attn.take_probs() if keep else None
             if p is not None and self._attention_mass is not None:
                 self._attention_mass.add(i, p, regions)

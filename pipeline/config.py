@@ -91,6 +91,9 @@ class TrainConfig:
     # Precision and ZeRO.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 0
+    # ZeRO-3: parameters with fewer elements stay gathered (DeepSpeed's
+    # stage3_param_persistence_threshold, default 100,000); 0 partitions every parameter
+    zero3_persistence_threshold: int = 100_000
     fp16_initial_scale_power: int = 16
     fp16_loss_scale_window: int = 1000
     fp16_hysteresis: int = 2
@@ -257,6 +260,7 @@ RANGES: dict[str, tuple] = {
     "train.late_update_step": (*_ge(0), ""),
     "train.late_update_every": (*_ge(1), "1: every step updates"),
     "train.zero_stage": (*_within(0, 3), ""),
+    "train.zero3_persistence_threshold": (*_ge(0), "0: every parameter partitioned"),
     "train.fp16_initial_scale_power": (*_within(0, 64), ""),
     "train.fp16_loss_scale_window": (*_ge(1), ""),
     "train.fp16_hysteresis": (*_ge(1), ""),

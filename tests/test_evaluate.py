@@ -389,3 +389,25 @@ def test_compressive_evaluation_equals_the_naive_model_and_reports_attention(sha
     assert sum(attention["regions"].values()) == pytest.approx(1.0)
     assert attention["regions"]["compressed"] > 0 and len(attention["age_buckets"]["memory"]) == 3
     assert len(attention["per_layer"]["segment"]) == 2
+
+
+def test_infinite_former_evaluation_equals_the_naive_model(shards, tmp_path):
+    """An ∞-former export (sticky off) against tests/naive_infinite.py over the raw stream tokens."""
+    from naive_infinite import naive_infinite
+
+    from models.infinite_former import InfiniteFormerConfig
+
+    export = make_export(shards, tmp_path / "i", family="infinite_former", tgt_len=4, mem_len=4,
+                         infinite_former=InfiniteFormerConfig(n_basis=8, widths=[0.1, 0.3], n_samples=6))
+    n, steps = 2, 8
+    rep = run_eval(shards, export, tmp_path / "out", f"eval.n_streams={n}", "eval.tgt_len=4", "eval.mem_len=4",
+                   "eval.warm_tokens=0", f"eval.max_steps={steps}")
+    row = rep["results"][0]
+    x = raw_tokens(shards, "valid")
+    L = (len(x) - 1) // n
+    model = direct_model(export)
+    total = sum(float(naive_infinite(model, torch.from_numpy(x[b * L: b * L + 4 * steps + 1])[None], 4)
+                      .double().sum()) for b in range(n))
+    assert row["tokens"] == n * 4 * steps
+    assert row["nll_sum"] == pytest.approx(total, rel=1e-6)
+    assert set(row["attention"]["regions"]) == {"memory", "segment"}

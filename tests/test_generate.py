@@ -134,6 +134,28 @@ def test_compressive_generation_carries_both_memories(tmp_path):
     assert ids == generate(model, [1, 2, 3], 12, seed=0)["ids"]
 
 
+@torch.no_grad()
+def test_infinite_former_generation_carries_both_memories(tmp_path):
+    """One token per forward (segment 1, chunks of 2 rows into the long-term memory): the cached
+    log-probs are the naive model's over the whole sequence."""
+    from naive_infinite import naive_infinite
+
+    from models.infinite_former import InfiniteFormerConfig
+
+    shards = make_shards(tmp_path / "data", n_docs=60)
+    export = export_of(shards, tmp_path / "i", family="infinite_former", tgt_len=1, mem_len=4,
+                       infinite_former=InfiniteFormerConfig(n_basis=8, widths=[0.1, 0.3], n_samples=6, chunk=2))
+    model, _, _ = load_export(export)
+    x = torch.randint(0, 256, (1, 25), generator=torch.Generator().manual_seed(4))
+    want = naive_infinite(model, x, 1)[0]
+    lm = CachedLM(model)
+    got = [-lm.feed(x[0, :8])[x[0, 8]]]
+    for t in range(8, 24):
+        got.append(-lm.feed([int(x[0, t])])[x[0, t + 1]])
+    torch.testing.assert_close(torch.stack(got), want[7:], rtol=1e-5, atol=1e-5)
+    assert int(lm.memory.writes[0]) == (24 - 4) // 2 - 1     # the last chunk out waits for the next token
+
+
 def test_alrfou_window_bounds_the_cost(tmp_path):
     shards = make_shards(tmp_path / "data", n_docs=60)
     export = export_of(shards, tmp_path / "v", family="vanilla", attn_type="learned", tgt_len=16, mem_len=15)

@@ -22,7 +22,7 @@ with the host: masks are additive tensors built without data-dependent branches.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -166,17 +166,18 @@ class RelPartialLearnableAttention(_MemoryAttention):
 
     def forward(self, h: Tensor, mem: Optional[Tensor], r: Tensor, mask: Tensor,
                 r_w_bias: Optional[Tensor] = None, r_r_bias: Optional[Tensor] = None,
-                extra: Optional[Tensor] = None) -> Tensor:
+                extra: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         """h ``[B, q, d]``, mem ``[B, m, d]`` or None, r ``[m+q+1, d]`` encodings of distances
-        ``m+q .. 0`` (see positions.rel_shift), mask ``[q, m+q]`` additive or bool; ``extra``
-        ``[B, q, d]`` is added to the output projection (see ``_output``)."""
+        ``m+q .. 0`` (see positions.rel_shift), mask ``[q, m+q]`` additive or bool.
+        ``extra(q)``: a term ``[B, q, d]`` from this layer's queries (``[B, H, q, D]``, already
+        scaled by 1/√D), added to the output projection (the ∞-former's long-term read)."""
         u = self.r_w_bias if self.r_w_bias is not None else r_w_bias
         v_bias = self.r_r_bias if self.r_r_bias is not None else r_r_bias
         q, k, v = self._project(h, mem)
         r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, k+1]
         ac_q = q + (u * self.scale).unsqueeze(1)
         bd = torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k)  # [B, H, q, k+1], shifted in _attend
-        return self._output(h, self._attend(ac_q, k, v, bd, mask), extra)
+        return self._output(h, self._attend(ac_q, k, v, bd, mask), None if extra is None else extra(q))
 
 
 class RelLearnableAttention(_MemoryAttention):

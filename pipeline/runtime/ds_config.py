@@ -27,7 +27,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     if cfg.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=False, reduce_scatter=True)
     if cfg.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(stage3_gather_16bit_weights_on_model_save=False,
+                    stage3_param_persistence_threshold=cfg.zero3_persistence_threshold)
     return {
         "train_batch_size": train_batch,
         "train_micro_batch_size_per_gpu": micro,
