@@ -1,0 +1,171 @@
+"""Cost curves of the memory families: per-token cost of evaluation and of a training step as the
+context already consumed grows, and as the memory grows.
+
+Every family at the same size (4 layers, d 256, 4 heads of 64, d_inner 1024, 256 symbols, full
+softmax), segment 128 and memory 128; the Compressive Transformer with 128 compressed rows at
+rate 4, the ∞-former with 256 basis functions; the Al-Rfou model with a 128-token window,
+evaluated as its paper does (one token per forward, the 127 before it as context) and trained on
+whole 128-token windows without memory, as it is. For each
+family the memory is carried over k = 1 … 64 segments of random bytes, and at each k we count the
+FLOPs of the next forward (exact, torch's FLOP counter) and time it (median of repeats), for
+evaluation and for a training step (forward, backward, AdamW). A second sweep grows the memory at
+a fixed context (64 segments). Peak memory on CPU is not measured: the memory state's size in
+bytes stands for what grows with context.
+
+    .venv/bin/python benchmarks/bench_memory_cost.py      # writes benchmarks/results/memory_cost.{json,png}
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.machine import machine_info, write_result  # noqa: E402
+from models import ModelConfig, build_model  # noqa: E402
+from models.compressive import CompressiveConfig  # noqa: E402
+from models.infinite_former import InfiniteFormerConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEGMENT, MEMORY, VOCAB = 128, 128, 256
+CONTEXTS = (1, 2, 4, 8, 16, 32, 64)
+BASE = dict(n_token=VOCAB, n_layer=4, d_model=256, n_head=4, d_head=64, d_inner=1024, dropout=0.1,
+            tgt_len=SEGMENT, mem_len=MEMORY)
+
+
+def family_configs(memory: int = MEMORY) -> dict[str, ModelConfig]:
+    """One config per family; ``memory`` is what the memory sweep grows."""
+    return {
+        "transformer_xl": ModelConfig(family="transformer_xl", **(BASE | {"mem_len": memory})),
+        "compressive": ModelConfig(family="compressive", **BASE,
+                                   compressive=CompressiveConfig(cmem_len=memory, ratio=4)),
+        "infinite_former": ModelConfig(family="infinite_former", **BASE,
+                                       infinite_former=InfiniteFormerConfig(n_basis=2 * memory, widths=[0.01, 0.05],
+                                                                            n_samples=memory)),
+        "vanilla": ModelConfig(family="vanilla", **(BASE | {"attn_type": "learned", "mem_len": SEGMENT - 1})),
+    }
+
+
+def segment_of(family: str) -> int:
+    return 1 if family == "vanilla" else SEGMENT     # Al-Rfou et al. score one token per forward
+
+
+def memory_bytes(memory) -> int:
+    return sum(t.numel() * t.element_size() for t in memory.tensors().values() if t is not None)
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def curve(family: str, cfg: ModelConfig, contexts, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seg = segment_of(family)
+    n_tokens = max(contexts) * SEGMENT + 1
+    x = torch.randint(0, VOCAB, (1, n_tokens + SEGMENT + 1), generator=torch.Generator().manual_seed(1))
+    memory = model.init_memory(1)
+    rows, done = [], 0
+    model.eval()
+    for k in contexts:
+        with torch.no_grad():                            # consume up to k segments of context
+            while done < k * SEGMENT:
+                memory = model(x[:, done: done + seg], x[:, done + 1: done + 1 + seg], memory=memory).memory
+                done += seg
+        inp, tgt = x[:, done: done + seg], x[:, done + 1: done + 1 + seg]
+        # Al-Rfou et al. train on whole windows from no memory; the others on a segment with memory.
+        windowed = family == "vanilla"
+        t_inp, t_tgt = (x[:, done: done + SEGMENT], x[:, done + 1: done + 1 + SEGMENT]) if windowed else (inp, tgt)
+        t_mem = None if windowed else memory
+
+        def evaluate():
+            with torch.no_grad():
+                model(inp, tgt, memory=memory)
+
+        def train_step():
+            model.train()
+            out = model(t_inp, t_tgt, memory=t_mem)
+            out.objective.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.eval()
+
+        model.eval()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            evaluate()
+        eval_flops = counter.get_total_flops()
+        saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        train_s = timed(train_step, repeats)
+        model.load_state_dict(saved[0])                  # the curve measures cost, not learning
+        opt.load_state_dict(saved[1])
+        rows.append({"segments": k, "context_tokens": done, "eval_flops_per_token": eval_flops / seg,
+                     "eval_s_per_token": timed(evaluate, repeats) / seg,
+                     "train_step_s_per_token": train_s / t_inp.size(1), "memory_state_bytes": memory_bytes(memory)})
+        print(family, rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    repeats = 5
+    curves = {f: curve(f, cfg, CONTEXTS, repeats) for f, cfg in family_configs().items()}
+    sweep = {}
+    for m in (64, 128, 256):
+        for f, cfg in family_configs(m).items():
+            if f == "vanilla":
+                continue                                   # its window is its size: no memory to grow
+            sweep.setdefault(f, []).append({"memory": m, **curve(f, cfg, (16,), repeats)[0]})
+    result = {"benchmark": "memory_cost", "machine": machine_info(), "segment": SEGMENT, "memory": MEMORY,
+              "model": {k: v for k, v in BASE.items() if k not in ("tgt_len", "mem_len")},
+              "context_curves": curves, "memory_sweep": sweep,
+              "note": "memory sweep: transformer_xl mem_len, compressive cmem_len (rate 4), "
+                      "infinite_former n_samples (and n_basis = 2x), at 16 segments of context"}
+    write_result(RESULTS / "memory_cost.json", result)
+    plot(curves, RESULTS / "memory_cost.png")
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for family, rows in curves.items():
+        xs = [r["context_tokens"] for r in rows]
+        axes[0].plot(xs, [r["eval_flops_per_token"] / 1e6 for r in rows], marker="o", label=family)
+        axes[1].plot(xs, [r["eval_s_per_token"] * 1e3 for r in rows], marker="o", label=family)
+    axes[0].set_ylabel("evaluation MFLOP per token")
+    axes[1].set_ylabel("evaluation ms per token (2 threads)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")          # the Al-Rfou window costs ~80x the others
+        ax.set_xlabel("context already consumed (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Cost per token as the context grows (4L d256, segment 128, memory 128)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--plot"]:                         # redraw from the committed JSON
+        import json
+
+        plot(json.loads((RESULTS / "memory_cost.json").read_text())["context_curves"], RESULTS / "memory_cost.png")
+    else:
+        main()
