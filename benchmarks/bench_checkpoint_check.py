@@ -13,17 +13,15 @@ DeepSpeed's loader and zero_to_fp32 do). Both from a warm page cache, median of 
 """
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from machine import machine_info, write_result  # noqa: E402  (benchmarks/machine.py)
+from machine import machine_info, timed, write_result  # noqa: E402  (benchmarks/machine.py)
 
 RESULT = REPO / "benchmarks" / "results" / "checkpoint_check.json"
 
@@ -56,14 +54,6 @@ def write_checkpoint(tag: Path) -> int:
         tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     return n
 
-
-def timed(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def main() -> dict:

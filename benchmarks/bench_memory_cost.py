@@ -17,9 +17,7 @@ bytes stands for what grows with context.
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import machine_info, write_result  # noqa: E402
+from machine import machine_info, timed, write_result  # noqa: E402  (benchmarks/machine.py)
+
 from models import ModelConfig, build_model  # noqa: E402
 from models.compressive import CompressiveConfig  # noqa: E402
 from models.infinite_former import InfiniteFormerConfig  # noqa: E402
@@ -59,14 +58,6 @@ def segment_of(family: str) -> int:
 def memory_bytes(memory) -> int:
     return sum(t.numel() * t.element_size() for t in memory.tensors().values() if t is not None)
 
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def curve(family: str, cfg: ModelConfig, contexts, repeats: int) -> list[dict]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 # CPU features that change our figures: vector width, bf16/fp16 arithmetic, AMX tiles.
@@ -43,3 +45,13 @@ def write_result(path: Path, result: dict) -> dict:
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return result
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median seconds of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)

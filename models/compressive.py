@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from models.memory import Memory
 from models.modules.layers import weights_detached
-from models.transformer_xl import TransformerXL
+from models.transformer_xl import TransformerXL, check_relative_recurrence
 
 if TYPE_CHECKING:          # models.config nests CompressiveConfig, so it imports this module
     from models.config import ModelConfig
@@ -116,11 +116,7 @@ class CompressiveTransformer(TransformerXL):
     def check_config(cls, cfg: ModelConfig) -> None:
         super().check_config(cfg)
         c = cfg.compressive
-        if cfg.attn_type != "relative":
-            raise ValueError(f"model.attn_type={cfg.attn_type!r}: the compressive family uses Transformer-XL's "
-                             f"relative attention; set model.attn_type=relative")
-        if cfg.ext_len:
-            raise ValueError(f"model.ext_len={cfg.ext_len}: the compressive family has no extended context; set 0")
+        check_relative_recurrence(cfg)
         if c.cmem_len < 0:
             raise ValueError(f"model.compressive.cmem_len={c.cmem_len} is out of range: it must be >= 0")
         if c.ratio < 1:

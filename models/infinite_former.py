@@ -44,7 +44,7 @@ from models.modules.continuous import (
     sample_positions,
     update_positions,
 )
-from models.transformer_xl import TransformerXL
+from models.transformer_xl import TransformerXL, check_relative_recurrence
 
 if TYPE_CHECKING:          # models.config nests InfiniteFormerConfig, so it imports this module
     from models.config import ModelConfig
@@ -128,11 +128,7 @@ class InfiniteFormer(TransformerXL):
     def check_config(cls, cfg: ModelConfig) -> None:
         super().check_config(cfg)
         c = cfg.infinite_former
-        if cfg.attn_type != "relative":
-            raise ValueError(f"model.attn_type={cfg.attn_type!r}: the infinite_former family uses Transformer-XL's "
-                             f"relative attention; set model.attn_type=relative")
-        if cfg.ext_len:
-            raise ValueError(f"model.ext_len={cfg.ext_len}: the infinite_former family has no extended context; set 0")
+        check_relative_recurrence(cfg)
         checks = [("n_basis", c.n_basis >= 1, ">= 1"), ("ridge", c.ridge > 0, "> 0"),
                   ("tau", 0 < c.tau < 1, "in (0, 1)"), ("n_samples", c.n_samples >= 1, ">= 1"),
                   ("chunk", c.chunk >= 0, ">= 0 (0: model.tgt_len)"), ("n_bins", c.n_bins >= 1, ">= 1"),

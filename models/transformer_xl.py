@@ -95,6 +95,15 @@ def _check_config(cfg: ModelConfig) -> None:
     same_length_window(cfg.mem_len, cfg.same_length_keys)  # validates the convention name
 
 
+def check_relative_recurrence(cfg: ModelConfig) -> None:
+    """What a family built on Transformer-XL's memory needs: relative attention, no ext_len."""
+    if cfg.attn_type != "relative":
+        raise ValueError(f"model.attn_type={cfg.attn_type!r}: the {cfg.family} family uses Transformer-XL's "
+                         f"relative attention; set model.attn_type=relative")
+    if cfg.ext_len:
+        raise ValueError(f"model.ext_len={cfg.ext_len}: the {cfg.family} family has no extended context; set 0")
+
+
 class TransformerXL(LanguageModel):
     family = "transformer_xl"
     length_names = ("tgt_len", "mem_len", "clamp_len", "same_length")

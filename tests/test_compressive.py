@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 from naive_compressive import naive_compressive
+from streamed import stream
 
 from models import ModelConfig, build_model
 from models.compressive import COMPRESSIONS, Compression, CompressiveConfig, CompressiveMemory
@@ -37,15 +38,6 @@ def model_for(seed: int = 0, **compressive):
 def toks(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
 
-
-def stream(model, x: torch.Tensor, segment: int, memory=None):
-    memory = model.init_memory(x.size(0)) if memory is None else memory
-    outs = []
-    for s in range(0, x.size(1) - 1, segment):
-        out = model(x[:, s: s + segment], x[:, s + 1: s + 1 + segment], memory=memory)
-        outs.append(out)
-        memory = out.memory
-    return outs, memory
 
 
 # ----------------------------------------------------------------------------- FIFO (paper Figure 1)

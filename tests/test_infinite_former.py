@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from naive_infinite import naive_infinite
+from streamed import stream
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import ModelConfig, build_model
@@ -43,15 +44,6 @@ def model_for(seed: int = 0, **ltm):
 def toks(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
 
-
-def stream(model, x, segment, memory=None):
-    memory = model.init_memory(x.size(0)) if memory is None else memory
-    outs = []
-    for s in range(0, x.size(1) - 1, segment):
-        out = model(x[:, s: s + segment], x[:, s + 1: s + 1 + segment], memory=memory)
-        outs.append(out)
-        memory = out.memory
-    return outs, memory
 
 
 def smooth(L: int, e: int, seed: int = 0, phase: bool = False) -> torch.Tensor:
