@@ -105,3 +105,15 @@ def test_bf16_training_keeps_the_memory_in_bf16(runs, family):
     fields = torch.load(runs.ckpt(f"{family}-bf16", 6) / "xlpipe" / "rank0.pt", weights_only=True)["memory"]["fields"]
     assert fields["hidden"].dtype == torch.bfloat16
     assert all(v.dtype in (torch.bfloat16, torch.long) for v in fields.values())
+
+
+@families
+def test_validation_under_zero3_with_every_parameter_partitioned(runs, family):
+    """Validation runs through the engine: under ZeRO-3 every module (the long-term read inside the
+    attention, f_c after the layers) must gather its weights itself; same losses as stage 0."""
+    args = [*FAMILIES[family], "train.eval_every=3", "train.max_steps=3", "train.clip=0"]
+    ref = runs.run(f"{family}-valid0", [*args, "train.zero_stage=0"], record=False)
+    got = runs.run(f"{family}-valid3", [*args, "train.zero_stage=3", "train.zero3_persistence_threshold=0"],
+                   record=False)
+    assert got[0]["losses"] == ref[0]["losses"]
+    assert got[0]["valid"]["loss"] == pytest.approx(ref[0]["valid"]["loss"], rel=1e-6)
