@@ -151,7 +151,7 @@ class InfiniteFormer(TransformerXL):
         # Built after Transformer-XL's weights; PyTorch's default init (the reference's).
         self.ltm = nn.ModuleList(LongTermAttention(cfg.d_model, cfg.n_head, cfg.d_head, c.n_basis, c.gate)
                                  for _ in range(cfg.n_layer))
-        self._ridge: dict = {}       # float64 G matrices by (kind, device), see _ridge_matrix
+        self._ridge: dict = {}       # float64 G matrices by device, see ridge_matrices
 
     # -- the fit --------------------------------------------------------------------------
     def ridge_matrices(self, device) -> tuple[Tensor, Tensor]:
