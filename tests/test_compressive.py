@@ -372,3 +372,45 @@ def test_inference_state_leaves_the_decoders_out():
     model.eval(), other.eval()
     with torch.no_grad():
         assert torch.equal(model(x[:, :3], x[:, 1:]).nll, other(x[:, :3], x[:, 1:]).nll)
+
+
+def test_weights_detached_blocks_the_weights_gradient_only():
+    """models.modules.layers.weights_detached: the module is still called (ZeRO-3 gathers it), its
+    parameters get no gradient and keep requires_grad; the input still gets its gradient."""
+    from models.modules.layers import layer_norm, linear, weights_detached
+
+    torch.manual_seed(0)
+    lin, ln = linear(4, 3, bias=True), layer_norm(4)
+    x = torch.randn(2, 4, requires_grad=True)
+    with weights_detached(lin, ln):
+        lin(ln(x)).sum().backward()
+    assert lin.weight.grad is None and lin.bias.grad is None and ln.weight.grad is None
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in (*lin.parameters(), *ln.parameters()))
+    lin(ln(x)).sum().backward()                              # outside the block: trained as usual
+    assert lin.weight.grad is not None and ln.weight.grad is not None
+    with pytest.raises(TypeError, match="cannot run with its weights detached"):
+        with weights_detached(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_attention_mass_sums_over_ranks():
+    """flat / load_flat: the all-reduce of two ranks' sums is the mass over both ranks' forwards."""
+    from models.diagnostics import AttentionMass
+
+    g = torch.Generator().manual_seed(0)
+    probs = [torch.softmax(torch.randn(2, 2, 3, 7, generator=g), dim=-1) for _ in range(2)]
+    both, parts = AttentionMass(("memory", "segment"), 1, 2), []
+    for p in probs:
+        both.add(0, p, (4, 3))
+        one = AttentionMass(("memory", "segment"), 1, 2)
+        one.add(0, p, (4, 3))
+        parts.append(one.flat())
+    reduced = AttentionMass(("memory", "segment"), 1, 2)
+    reduced.load_flat([a + b for a, b in zip(*parts)])
+    got, want = reduced.summary(), both.summary()
+    assert got["queries"] == want["queries"] == 2 * 2 * 2 * 3
+    assert got["regions"] == pytest.approx(want["regions"])
+    for region in ("memory", "segment"):
+        assert got["age_buckets"][region] == pytest.approx(want["age_buckets"][region])
+        assert got["per_layer"][region] == pytest.approx(want["per_layer"][region])
