@@ -237,7 +237,7 @@ class CompressiveTransformer(TransformerXL):
         drop = n_comp if self.cmem_len > 0 else overflow
         if self.compression == "most_used":
             # mean attention per key over heads and queries, added to what each row had received
-            got = torch.stack([p.float().mean(dim=(1, 2))[:, cmlen:] for p in probs], dim=1)   # [B, L, m+q]
+            got = torch.stack([p.mean(dim=(1, 2), dtype=torch.float32)[:, cmlen:] for p in probs], dim=1)  # [B, L, m+q]
             mlen = 0 if hid is None else hid.size(2)
             if usage is not None:
                 got[:, :, :mlen] += usage.float()

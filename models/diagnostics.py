@@ -53,7 +53,7 @@ class AttentionMass:
             self.sums = torch.zeros(self.n_layer, len(self.regions) * self.n_buckets, dtype=torch.float64,
                                     device=probs.device)
             self.queries = torch.zeros(self.n_layer, dtype=torch.float64, device=probs.device)
-        per_key = probs.double().sum(dim=(0, 1, 2))
+        per_key = probs.sum(dim=(0, 1, 2), dtype=torch.float64)       # no float64 copy of probs
         self.sums[layer].index_add_(0, self._bucket_index(sizes, probs.device), per_key)
         self.queries[layer] += probs.size(0) * probs.size(1) * probs.size(2)
 

@@ -212,8 +212,7 @@ class Run:
         self.bpc = manifest.tokenizer.get("kind") in BPC_TOKENIZERS
         self.tokens_per_round = t.n_streams * t.tgt_len
         self.base_batch = self.engine.train_batch_size()
-        self.rounds = 0
-        self._set_rounds()
+        self.rounds = 1              # the engine is built for one round; train_step switches it
         out = Path(t.output)
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -246,6 +245,7 @@ class Run:
         if rounds != self.rounds:
             self.engine.set_train_batch_size(self.base_batch * rounds)
             self.rounds = rounds
+
     def train_step(self, hooks: Hooks, stop_requested: bool) -> dict:
         """One optimizer step over every micro-batch; ``stop`` says whether any rank was signalled."""
         t, engine = self.t, self.engine

@@ -95,13 +95,15 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
     finally:
         streams.close()
         model.train(was_training)
-    if not reduce:
-        return {"nll_sum": float(nll_sum), "tokens": tokens, "attention": None if mass is None else mass.summary()}
-    total, count, *attention = distributed.all_reduce_sum([float(nll_sum), float(tokens)]
-                                                          + ([] if mass is None else mass.flat()))
-    if mass is not None:
-        mass.load_flat(attention)
-    return {"nll_sum": total, "tokens": int(count), "attention": None if mass is None else mass.summary()}
+    result = {"nll_sum": float(nll_sum), "tokens": tokens}
+    if reduce:
+        total, count, *attention = distributed.all_reduce_sum([result["nll_sum"], float(tokens)]
+                                                              + ([] if mass is None else mass.flat()))
+        result = {"nll_sum": total, "tokens": int(count)}
+        if mass is not None:
+            mass.load_flat(attention)
+    result["attention"] = None if mass is None else mass.summary()
+    return result
 
 
 def summarize(nll_sum: float, tokens: int, bpc: bool) -> dict:
