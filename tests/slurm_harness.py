@@ -283,7 +283,13 @@ class SlurmCluster:
                            f"--- slurmctld\n{self.logs('slurmctld')}\n--- slurmd\n{self.logs('slurmd')}")
 
     def release(self, job_id: str) -> None:
-        """Start a requeued job now: SLURM holds requeued jobs ~2 min (Reason=BeginTime)."""
+        """Start a requeued job now: SLURM holds requeued jobs ~2 min (Reason=BeginTime).
+
+        Not within the second of the requeue: slurmd revokes the job's credential then, at one-second
+        granularity, and refuses a relaunch whose credential is from that same second ("Killing
+        non-startable batch job: Job credential revoked": the run fails with no output). Two
+        seconds clear it."""
+        time.sleep(2.0)
         self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
 
     def squeue(self) -> list[str]:

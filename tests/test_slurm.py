@@ -79,28 +79,6 @@ def _wait_gone(pid: int, timeout: float = 60.0) -> None:
     raise AssertionError(f"task {pid} of the first run is still alive {timeout:.0f} s after the requeue")
 
 
-def _wait_steps_gone(job: str, timeout: float = 60.0) -> None:
-    """No slurmstepd of the job's first run is left: slurmd refuses to launch the requeued run while
-    one still holds the revoked credential (the second run then fails without any output)."""
-    import psutil
-
-    tag = f"[{job}."
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = []
-        for p in psutil.process_iter(["name", "cmdline"]):
-            try:
-                text = " ".join(p.info["cmdline"] or []) or (p.info["name"] or "")
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            if "slurmstepd" in text and tag in text:
-                left.append(p.pid)
-        if not left:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"slurmstepd of job {job} still alive {timeout:.0f} s after the requeue: {left}")
-
-
 def test_one_rank_signalled_both_stop_then_requeue(slurm_cluster, tmp_path):
     """SIGUSR1 to rank 1 only: both ranks stop at the same step; rank 0 requeues; run 2 resumes."""
     out = tmp_path / "job.out"
@@ -126,7 +104,6 @@ def test_one_rank_signalled_both_stop_then_requeue(slurm_cluster, tmp_path):
     # port (derived from the job id), which a slow-to-exit task of the first run would still hold.
     for path in ready:
         _wait_gone(json.loads(path.read_text())["pid"])
-    _wait_steps_gone(job)
     slurm_cluster.release(job)
     info = slurm_cluster.wait(job, timeout=120)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
