@@ -111,8 +111,11 @@ class LanguageModel(nn.Module):
         targets: Optional[Tensor] = None,
         memory: Optional[Memory] = None,
         *,
+        doc_start: Optional[Tensor] = None,
         return_logprobs: bool = False,
     ) -> ModelOutput:
+        """``doc_start [B, q]`` (bool): True where an input token opens a document; no token then
+        sees anything before the latest start, in the segment or in memory (models/documents.py)."""
         raise NotImplementedError
 
     # -- evaluation lengths ----------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import documents
 from models.memory import Memory
 from models.modules.layers import weights_detached
 from models.transformer_xl import TransformerXL, check_relative_recurrence
@@ -210,7 +211,7 @@ class CompressiveTransformer(TransformerXL):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, targets: Optional[Tensor] = None, memory: Optional[Memory] = None,
-                *, return_logprobs: bool = False):
+                *, doc_start: Optional[Tensor] = None, return_logprobs: bool = False):
         batch, qlen = self._check_inputs(input_ids, targets)
         hid, cmem, usage = self._memories(memory, batch)
         h = self._embed(input_ids)
@@ -219,10 +220,18 @@ class CompressiveTransformer(TransformerXL):
         mlen = 0 if hid is None else hid.size(2)
         cmlen = 0 if cmem is None else cmem.size(2)
         pos, mask = self._positions(qlen, cmlen + mlen, h)
+        docs = self._documents(doc_start, memory, batch, qlen, h.device)
+        if docs is not None:
+            # The document's newest memory rows, then the compressed rows whose whole group of c
+            # tokens is the document's (compressed rows are contiguous with memory, oldest first).
+            n = docs[1]
+            visible = n.clamp(max=mlen) + ((n - mlen).clamp(min=0) // self.ratio).clamp(max=cmlen)
+            mask = documents.floor_mask(mask, documents.key_floor(docs[0], visible, cmlen + mlen))
         mems = [torch.cat([t[:, i] for t in (cmem, hid) if t is not None], dim=1) if (mlen or cmlen) else None
                 for i in range(self.n_layer)]
         h, hids, probs = self._layers(h, mems, pos, mask, (cmlen, mlen, qlen))
         new_memory, aux = self._update_memories(hids, hid, cmem, usage, probs, cmlen)
+        new_memory = self._with_doc_len(new_memory, docs)
         return self._predict(h, targets, return_logprobs, new_memory, aux)
 
     def _update_memories(self, hids: list[Tensor], hid: Optional[Tensor], cmem: Optional[Tensor],

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import documents
 from models.memory import Memory
 from models.modules.continuous import (
     GaussianBasis,
@@ -166,10 +167,20 @@ class InfiniteFormer(TransformerXL):
             self._ridge[key] = (first.to(device), update.to(device))
         return self._ridge[key]
 
-    def _write(self, x: Tensor, coef: Optional[Tensor], hist: Optional[Tensor],
-               writes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _write(self, x: Tensor, coef: Optional[Tensor], hist: Optional[Tensor], writes: Optional[Tensor],
+               clean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Fit one chunk ``x [B, n_layer, chunk, d]`` into the LTM; returns (coef, writes).
-        The fit runs in float32 (float64 G cast once), whatever the model's dtype."""
+        The fit runs in float32 (float64 G cast once), whatever the model's dtype. ``clean [B]``
+        (document boundaries): False where the chunk holds a token of an earlier document; that
+        row's LTM is emptied instead, and its next clean chunk is a first write."""
+        coef, writes = self._fit(x, coef, hist, writes)
+        if clean is not None:
+            coef = torch.where(clean.view(-1, 1, 1, 1), coef, torch.zeros_like(coef))
+            writes = torch.where(clean, writes, torch.zeros_like(writes))
+        return coef, writes
+
+    def _fit(self, x: Tensor, coef: Optional[Tensor], hist: Optional[Tensor],
+             writes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         batch = x.size(0)
         g_first, g_update = (g.float() for g in self.ridge_matrices(x.device))
         gated = torch.stack([self.ltm[i].gated(x[:, i]) for i in range(self.n_layer)], dim=1).float()
@@ -216,17 +227,27 @@ class InfiniteFormer(TransformerXL):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, targets: Optional[Tensor] = None, memory: Optional[Memory] = None,
-                *, return_logprobs: bool = False):
+                *, doc_start: Optional[Tensor] = None, return_logprobs: bool = False):
         batch, qlen = self._check_inputs(input_ids, targets)
         hid, pending, coef, hist, writes = self._memories(memory, batch)
         h = self._embed(input_ids)
         hid, pending, coef = (None if t is None else t.to(h.dtype) for t in (hid, pending, coef))
-        # What left the STM last time enters the LTM now, in this graph (the gate trains).
-        if pending is not None:
-            for k in range(0, pending.size(2), self.chunk):
-                coef, writes = self._write(pending[:, :, k: k + self.chunk], coef, hist, writes)
         mlen = 0 if hid is None else hid.size(2)
+        docs = self._documents(doc_start, memory, batch, qlen, h.device)
+        # What left the STM last time enters the LTM now, in this graph (the gate trains). With
+        # document starts, a chunk reaching back past the row's document empties its LTM instead.
+        if pending is not None:
+            n_pending = pending.size(2)
+            for k in range(0, n_pending, self.chunk):
+                clean = None if docs is None else docs[1] >= mlen + n_pending - k
+                coef, writes = self._write(pending[:, :, k: k + self.chunk], coef, hist, writes, clean)
         pos, mask = self._positions(qlen, mlen, h)
+        # Which queries read the LTM: all, or (documents) those whose document the LTM holds.
+        reader = None
+        if docs is not None:
+            mask = documents.floor_mask(mask, documents.key_floor(docs[0], docs[1], mlen))
+            if writes is not None:
+                reader = ((docs[0] < 0) & (writes > 0).unsqueeze(1)).unsqueeze(-1)      # [B, q, 1]
         reads: list = []
 
         def ltm_read(i: int):
@@ -238,13 +259,17 @@ class InfiniteFormer(TransformerXL):
             def read(q: Tensor) -> Tensor:
                 z, mu, var = self.ltm[i](q, coef[:, i], self.basis, self.ltm_cfg.min_var)
                 reads.append((mu, var))
-                return z
+                return z if reader is None else z * reader.to(z.dtype)
             return read
 
         mems = [None if hid is None else hid[:, i] for i in range(self.n_layer)]
         h, hids, _ = self._layers(h, mems, pos, mask, (mlen, qlen), extra=ltm_read)
-        new_memory = self._update_memories(hids, hid, coef, writes, reads)
-        aux = self._kl(reads, writes) if (self.training and reads and self.ltm_cfg.kl_weight > 0) else None
+        new_memory = self._with_doc_len(self._update_memories(hids, hid, coef, writes, reads), docs)
+        if self.training and reads and self.ltm_cfg.kl_weight > 0:
+            readers = (writes > 0).view(-1, 1, 1) if reader is None else reader.view(batch, 1, qlen)
+            aux = self._kl(reads, readers.float())
+        else:
+            aux = None
         return self._predict(h, targets, return_logprobs, new_memory, aux)
 
     def _update_memories(self, hids: list[Tensor], hid: Optional[Tensor], coef: Optional[Tensor],
@@ -268,16 +293,17 @@ class InfiniteFormer(TransformerXL):
                               coef=empty if coef is None else coef.detach().contiguous(),
                               hist=hist, writes=writes)
 
-    def _kl(self, reads: list, writes: Tensor) -> Tensor:
-        """kl_weight × Σ_layers mean KL(𝒩(μ, σ²) ‖ 𝒩(μ0, σ0²)) over rows with a written LTM."""
+    def _kl(self, reads: list, readers: Tensor) -> Tensor:
+        """kl_weight × Σ_layers mean KL(𝒩(μ, σ²) ‖ 𝒩(μ0, σ0²)) over the queries that read a written
+        LTM (``readers``: 1/0 as ``[B, 1, 1]`` per row or ``[B, 1, q]`` per query)."""
         c = self.ltm_cfg
         s0 = c.kl_sigma0 ** 2
-        rows = (writes > 0).float().view(-1, 1, 1)
         total = 0.0
         for mu, var in reads:
             ratio = var.float() / s0
             kl = 0.5 * (ratio - torch.log(ratio) - 1)
             if c.kl_mu0 is not None:
                 kl = kl + 0.5 * (mu.float() - c.kl_mu0) ** 2 / s0
-            total = total + (kl * rows).sum() / (rows.sum() * kl.size(1) * kl.size(2)).clamp(min=1)
+            weight = readers.expand(kl.size(0), 1, kl.size(2))
+            total = total + (kl * weight).sum() / (weight.sum() * kl.size(1)).clamp(min=1)
         return c.kl_weight * total

@@ -18,7 +18,13 @@ M = TypeVar("M", bound="Memory")
 
 @dataclasses.dataclass
 class Memory:
-    """Base class: subclasses add ``Optional[Tensor]`` fields with batch on dim 0."""
+    """Base class: subclasses add ``Optional[Tensor]`` fields with batch on dim 0.
+
+    ``doc_len [B]`` (long) is shared by every family: how many of the newest tokens a row has
+    consumed belong to its current document (models/documents.py); None until a forward is told
+    where documents start."""
+
+    doc_len: Optional[Tensor] = None
 
     def tensors(self) -> dict[str, Optional[Tensor]]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

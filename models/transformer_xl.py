@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from models import documents
 from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models.diagnostics import AttentionMass
 from models.memory import Memory
@@ -332,9 +333,10 @@ class TransformerXL(LanguageModel):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, targets: Optional[Tensor] = None, memory: Optional[Memory] = None,
-                *, return_logprobs: bool = False) -> ModelOutput:
+                *, doc_start: Optional[Tensor] = None, return_logprobs: bool = False) -> ModelOutput:
         """input_ids ``[B, q]``; targets ``[B, T]`` with T <= q predict the last T positions
-        (T < q only with an ext_len prefix); memory from ``init_memory`` or a previous call."""
+        (T < q only with an ext_len prefix); memory from ``init_memory`` or a previous call;
+        ``doc_start [B, q]``: document starts (models/documents.py)."""
         batch, qlen = self._check_inputs(input_ids, targets)
         mem = self._memory_tensor(memory, batch)
         mlen = 0 if mem is None else mem.size(2)
@@ -342,10 +344,35 @@ class TransformerXL(LanguageModel):
         if mem is not None and mem.dtype != h.dtype:
             mem = mem.to(h.dtype)  # e.g. fp32 memory restored into a bf16 model
         pos, mask = self._positions(qlen, mlen, h)
+        docs = self._documents(doc_start, memory, batch, qlen, h.device)
+        if docs is not None:
+            mask = documents.floor_mask(mask, documents.key_floor(docs[0], docs[1], mlen))
         mems = [None if mem is None else mem[:, i] for i in range(self.n_layer)]
         h, hids, _ = self._layers(h, mems, pos, mask, (mlen, qlen))
-        new_memory = self._update_memory(hids, mem, qlen, mlen)
+        new_memory = self._with_doc_len(self._update_memory(hids, mem, qlen, mlen), docs)
         return self._predict(h, targets, return_logprobs, new_memory)
+
+    def _documents(self, doc_start: Optional[Tensor], memory: Optional[Memory], batch: int, qlen: int,
+                   device) -> Optional[tuple[Tensor, Tensor]]:
+        """``(last_start [B, q], doc_len [B])`` when documents are tracked (a ``doc_start`` given now
+        or a ``doc_len`` in memory), else None (models/documents.py)."""
+        prior = None if memory is None else memory.doc_len
+        if doc_start is None and prior is None:
+            return None
+        if self.ext_len:
+            raise ValueError(f"document starts need ext_len=0 (model.ext_len={self.ext_len}): the extended "
+                             f"context is re-fed as input, so memory would count it twice")
+        if doc_start is None:
+            doc_start = torch.zeros(batch, qlen, dtype=torch.bool, device=device)
+        elif tuple(doc_start.shape) != (batch, qlen):
+            raise ValueError(f"doc_start has shape {tuple(doc_start.shape)}, expected ({batch}, {qlen}) like input_ids")
+        return documents.last_start(doc_start.to(device)), documents.current_len(prior, batch, device)
+
+    @staticmethod
+    def _with_doc_len(memory: Memory, docs: Optional[tuple[Tensor, Tensor]]) -> Memory:
+        if docs is not None:
+            memory.doc_len = documents.next_doc_len(*docs)
+        return memory
 
     def _check_inputs(self, input_ids: Tensor, targets: Optional[Tensor]) -> tuple[int, int]:
         if input_ids.dim() != 2:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
+from models import documents
 from models.memory import Memory
 from models.modules.layers import PositionwiseFF, layer_norm, linear
 
@@ -91,10 +92,12 @@ class CausalSelfAttention(nn.Module):
         self.out = linear(cfg.n_head * cfg.d_head, cfg.d_model)
         self.dropatt = cfg.dropatt
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attend: Optional[Tensor] = None) -> Tensor:
+        """``attend [B, 1, t, t]`` (bool, True = visible): a causal mask with document boundaries."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropatt if self.training else 0.0, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=self.dropatt if self.training else 0.0,
+                                           is_causal=attend is None)
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_head * self.d_head))
 
 
@@ -110,12 +113,14 @@ class Block(nn.Module):
         self.ff = PositionwiseFF(cfg.d_model, cfg.d_inner, cfg.dropout, pre_lnorm=cfg.pre_lnorm)
         self.pre_lnorm = cfg.pre_lnorm
 
-    def forward(self, h: Tensor) -> Tensor:
-        x = h + self.pos[: h.shape[1]]  # window positions are absolute 0..T-1 in every layer
+    def forward(self, h: Tensor, attend: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
+        # Window positions are absolute 0..T-1 in every layer; with document starts each token
+        # counts from its own document's first token in the window (``positions [B, T]``).
+        x = h + (self.pos[: h.shape[1]] if positions is None else self.pos[positions])
         if self.pre_lnorm:
-            x = x + self.drop(self.attn(self.norm(x)))
+            x = x + self.drop(self.attn(self.norm(x), attend))
         else:
-            x = self.norm(x + self.drop(self.attn(x)))
+            x = self.norm(x + self.drop(self.attn(x, attend)))
         return self.ff(x)
 
 
@@ -266,6 +271,7 @@ class VanillaTransformer(LanguageModel):
         targets: Optional[Tensor] = None,
         memory: Optional[Memory] = None,
         *,
+        doc_start: Optional[Tensor] = None,
         return_logprobs: bool = False,
     ) -> ModelOutput:
         b, k = input_ids.shape
@@ -276,6 +282,10 @@ class VanillaTransformer(LanguageModel):
         ctx = self._context(memory, b, k, input_ids.device)
         window = torch.cat([ctx, input_ids], dim=1)
         m = ctx.shape[1]
+        docs = self._documents(doc_start, memory, b, k, input_ids.device)
+        attend = positions = None
+        if docs is not None:
+            attend, positions = self._window_mask(docs, m)
 
         train_aux = self.training and targets is not None and (self.vcfg.intermediate or self.vcfg.next_next)
         active = set(self.active_intermediate_layers()) if train_aux else set()
@@ -286,7 +296,7 @@ class VanillaTransformer(LanguageModel):
         h = self.drop(self.embed(window))
         aux_terms: list[Tensor] = []
         for i, block in enumerate(self.layers, start=1):
-            h = block(h)
+            h = block(h, attend, positions)
             if i in active:  # intermediate layers that still contribute; the others do no head work
                 z = self.norm_out(h[:, m:])
                 aux_terms.append(self._ce(self.train_heads["next"][i - 1](z), targets).mean())
@@ -310,7 +320,8 @@ class VanillaTransformer(LanguageModel):
         # Keep the last mem_len tokens of [all memory, input]: memory older than this window's
         # context still counts (a later, shorter input may use more of it).
         seen = input_ids if memory is None else torch.cat([memory.tokens.to(input_ids.device), input_ids], dim=1)
-        new_memory = VanillaMemory(tokens=seen[:, seen.shape[1] - min(self.mem_len, seen.shape[1]) :].detach())
+        new_memory = VanillaMemory(tokens=seen[:, seen.shape[1] - min(self.mem_len, seen.shape[1]) :].detach(),
+                                   doc_len=None if docs is None else documents.next_doc_len(*docs))
         return ModelOutput(
             loss=loss,
             nll=nll,
@@ -318,6 +329,35 @@ class VanillaTransformer(LanguageModel):
             aux_loss=aux_loss,
             logprobs=F.log_softmax(logits, dim=-1) if return_logprobs else None,
         )
+
+    def _documents(self, doc_start: Optional[Tensor], memory: Optional[Memory], batch: int, k: int,
+                   device) -> Optional[tuple[Tensor, Tensor]]:
+        """``(last_start [B, k], doc_len [B])`` when documents are tracked, else None."""
+        prior = None if memory is None else memory.doc_len
+        if doc_start is None and prior is None:
+            return None
+        if doc_start is None:
+            doc_start = torch.zeros(batch, k, dtype=torch.bool, device=device)
+        elif tuple(doc_start.shape) != (batch, k):
+            raise ValueError(f"doc_start has shape {tuple(doc_start.shape)}, expected ({batch}, {k}) like input_ids")
+        return documents.last_start(doc_start.to(device)), documents.current_len(prior, batch, device)
+
+    @staticmethod
+    def _window_mask(docs: tuple[Tensor, Tensor], m: int) -> tuple[Tensor, Tensor]:
+        """``([B, 1, W, W] visible, [B, W] positions)`` over the window of ``m`` memory tokens and
+        the input: causal, no position sees a token of an earlier document than its own, and each
+        token's position counts from the first token of its document in the window, so a document
+        is seen exactly as in a window of its own. Memory tokens are recomputed, so the document's
+        own memory tokens get the same floor as the input."""
+        last, n = docs
+        device = last.device
+        first = (m - n.clamp(max=m)).unsqueeze(1)                                    # [B, 1]
+        w = torch.arange(m, device=device).unsqueeze(0)
+        mem_floor = torch.where(w >= first, first, torch.zeros_like(w))              # older documents: causal only
+        floor = torch.cat([mem_floor.expand(last.size(0), m), documents.key_floor(last, n, m)], dim=1)
+        pos = torch.arange(floor.size(1), device=device)
+        attend = (pos.view(1, 1, -1) <= pos.view(1, -1, 1)) & (pos.view(1, 1, -1) >= floor.unsqueeze(-1))
+        return attend.unsqueeze(1), pos.unsqueeze(0) - floor
 
     def _ce(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Per-position next-token CE ``[b, k]``, or ``[b, 1]`` for the last position only."""

@@ -19,6 +19,7 @@ from naive_infinite import naive_infinite
 from models import REGISTRY, LanguageModel, Memory, ModelConfig, build_model
 from models.base import LENGTHS
 from models.compressive import CompressiveConfig
+from models.documents import UNBOUNDED
 from models.infinite_former import InfiniteFormerConfig
 
 V = 37
@@ -262,3 +263,84 @@ def test_inference_state_dict_reloads_into_a_fresh_model(family):
         assert torch.equal(model(seg_in, seg_tg).nll, other(seg_in, seg_tg).nll)
     with pytest.raises(KeyError):
         other.load_inference_state_dict({k: v for i, (k, v) in enumerate(state.items()) if i})
+
+
+# -- document boundaries (models/documents.py) ------------------------------------------------
+
+
+def stream_docs(model: LanguageModel, spec: Spec, toks: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL streamed segment by segment with ``doc_start`` flags (``starts [B, n]`` over inputs)."""
+    memory = model.init_memory(toks.size(0))
+    nlls = []
+    for i in range(0, toks.size(1) - 1, spec.segment):
+        out = model(toks[:, i: i + spec.segment], toks[:, i + 1: i + 1 + spec.segment], memory=memory,
+                    doc_start=starts[:, i: i + spec.segment])
+        nlls.append(out.nll)
+        memory = out.memory
+    return torch.cat(nlls, dim=1)
+
+
+def flags(toks: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    out = torch.zeros(toks.size(0), toks.size(1) - 1, dtype=torch.bool)
+    for r, positions in enumerate(rows):
+        out[r, positions] = True
+    return out
+
+
+@families
+@torch.no_grad()
+def test_no_token_sees_an_earlier_document(family):
+    """Whatever the tokens before a row's document start, every prediction from the start on is
+    the same (inside the segment, through memory, compressed or long-term memory alike)."""
+    model, spec = make(family)
+    model.eval()
+    toks = tokens(spec)
+    # Starts inside a segment, on a segment boundary, and two documents in one row.
+    starts = [[5], [2 * spec.segment], [3, spec.segment * spec.n_segments - 3]]
+    doc = flags(toks, starts)
+    base = stream_docs(model, spec, toks, doc)
+    g = torch.Generator().manual_seed(4)
+    for r, positions in enumerate(starts):
+        for s in positions:
+            other = toks.clone()
+            other[r, :s] = torch.randint(0, V, (s,), generator=g)
+            changed = stream_docs(model, spec, other, doc)
+            torch.testing.assert_close(changed[r, s:], base[r, s:], rtol=1e-5, atol=1e-5)
+    # Without the flags the same change reaches the document (memory carries it).
+    other = toks.clone()
+    other[1, : 2 * spec.segment] = torch.randint(0, V, (2 * spec.segment,), generator=g)
+    assert not torch.allclose(stream(model, spec, other)[0][1, 2 * spec.segment:],
+                              stream(model, spec, toks)[0][1, 2 * spec.segment:])
+
+
+@families
+@torch.no_grad()
+def test_a_document_streamed_after_another_equals_it_scored_alone(family):
+    """The streamed run with resets gives a document the NLL of the family's reference run on that
+    document alone from empty memory (starting on a segment boundary, so every family's memory
+    updates fall where they fall alone; Transformer-XL and Al-Rfou also mid-segment)."""
+    model, spec = make(family)
+    model.eval()
+    toks = tokens(spec)
+    aligned = 2 * spec.segment
+    cases = [aligned] + ([aligned + 1] if family in ("transformer_xl", "vanilla") else [])
+    for s in cases:
+        doc = flags(toks, [[s]] * toks.size(0))
+        streamed = stream_docs(model, spec, toks, doc)
+        alone = spec.reference(model, toks[:, s:])
+        torch.testing.assert_close(streamed[:, s:], alone, rtol=1e-5, atol=1e-5)
+
+
+@families
+@torch.no_grad()
+def test_document_length_rides_in_memory_and_round_trips(family):
+    model, spec = make(family)
+    model.eval()
+    toks = tokens(spec)
+    seg = spec.segment
+    doc = flags(toks, [[0], [], [seg - 1]])
+    out = model(toks[:, :seg], toks[:, 1: seg + 1], memory=model.init_memory(3), doc_start=doc[:, :seg])
+    assert out.memory.doc_len.dtype == torch.long
+    assert out.memory.doc_len.tolist() == [seg, UNBOUNDED, 1]
+    again = type(out.memory).from_state_dict(out.memory.state_dict())
+    assert torch.equal(again.doc_len, out.memory.doc_len)

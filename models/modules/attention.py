@@ -111,7 +111,7 @@ class _MemoryAttention(nn.Module):
         """softmax(q·kᵀ + rel_shift(pos_score) + mask) · v, returned as ``[B, q, H·D]``.
 
         pos_score: ``[B, H, q, k+1]`` positional scores over distances ``k..0`` (or None);
-        mask: additive ``[q, k]`` (0 or -inf, see ``additive_mask``) or boolean (True = masked).
+        mask: additive ``[q, k]`` or ``[B, q, k]`` (0 or -inf, see ``additive_mask``) or boolean (True = masked).
         Works on ``[B·H, ., .]`` batches: the masked positional term is materialised by one add,
         the content term accumulated into it by the GEMM (beta=1), all on plain tensors so
         autograd adds no copies.
@@ -120,6 +120,8 @@ class _MemoryAttention(nn.Module):
         klen = k.size(2)
         if mask.dtype == torch.bool:
             mask = additive_mask(mask, q.dtype)
+        if mask.dim() == 3:     # one mask per row (document boundaries): [B, q, k]
+            mask = mask.unsqueeze(1).expand(B, H, qlen, klen).reshape(B * H, qlen, klen)
         q3, k3t, v3 = q.view(B * H, qlen, D), k.view(B * H, klen, D).transpose(1, 2), v.view(B * H, klen, D)
         if pos_score is None:
             score = torch.baddbmm(mask, q3, k3t)
