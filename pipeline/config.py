@@ -23,7 +23,7 @@ from pipeline.common import XlpipeError
 
 @dataclasses.dataclass
 class DataConfig:
-    corpus: Literal["wt103", "lm1b", "enwik8", "text8", "ptb", "text", "stdlib"] = "stdlib"
+    corpus: Literal["wt103", "lm1b", "enwik8", "text8", "ptb", "text", "stdlib", "pg19", "sort"] = "stdlib"
     path: str = ""                   # raw corpus: a directory, a file, or globs (text corpus)
     output: str = "shards"           # shard directory written by prepare, read by every later stage
     workers: int = 1                 # tokenizer processes in prepare (0: every CPU this process may use)
@@ -39,6 +39,12 @@ class DataConfig:
     test_fraction: float = 0.02      # text/stdlib: share of documents in test
     text_field: str = "text"         # text: JSONL key holding each document
     lm1b_valid_shard: int = 1        # lm1b: heldout shard used as valid (00000 is the test set)
+    wt103_articles: bool = False     # wt103: record article starts (" = Title = " lines) for document_reset
+    # sort: the ∞-former paper's synthetic sorting task, generated (pipeline/data/corpora/sort.py)
+    sort_length: int = 4000          # symbols per sequence before the separator and the 20 answers
+    sort_sequences: List[int] = field(default_factory=lambda: [8000, 800, 800])   # train, valid, test
+    sort_seed: int = 0
+    sort_unit_sequences: int = 200   # sequences per input unit (shard)
 
 
 @dataclasses.dataclass
@@ -69,6 +75,9 @@ class TrainConfig:
     micro_batches: int = 1           # gradient accumulation: each micro-batch owns its streams and memory
     roll: bool = True                # per-epoch random cyclic shift of every stream (NVIDIA's --roll)
     stream_mode: Literal["auto", "ordered", "shuffled_sentences"] = "auto"  # auto: shuffled for sentence corpora (lm1b)
+    # no token attends across a document start, in a segment or through memory; a target that
+    # opens a document is not scored (shards must record starts: text, stdlib, pg19, sort, lm1b)
+    document_reset: bool = False
 
     # Optimisation.
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -155,6 +164,7 @@ class EvalConfig:
     # where attention goes (segment / memory / compressed memory, each in age buckets), also in
     # training's validation; 0: not measured
     attention_buckets: int = 6
+    document_reset: Optional[bool] = None   # None: the run's train.document_reset
     # per-token NLL (.npz: nll per split position, NaN where unscored; a sweep: its first mem_len)
     dump: str = ""
     output: str = ""                 # report directory; "": <run dir>/eval or <export dir>/eval
@@ -241,6 +251,9 @@ RANGES: dict[str, tuple] = {
     "data.valid_fraction": (*_within(0.0, 1.0, hi_open=True), ""),
     "data.test_fraction": (*_within(0.0, 1.0, hi_open=True), ""),
     "data.lm1b_valid_shard": (*_within(1, 49), "heldout shard 0 is the test set"),
+    "data.sort_length": (*_ge(1), ""),
+    "data.sort_seed": (*_ge(0), ""),
+    "data.sort_unit_sequences": (*_ge(1), ""),
     "tokenizer.vocab_size": (*_ge(2), ""),
     "tokenizer.min_freq": (*_ge(0), ""),
     "tokenizer.max_size": (*_ge(0), "0: all"),
@@ -303,6 +316,7 @@ ITEM_RANGES: dict[str, tuple] = {
     "eval.recl.contexts": _ge(1),
     "eval.recl.ratios": ((lambda v: 0.0 < v <= 1.0), "in (0, 1]"),
     "train.betas": _within(0.0, 1.0, hi_open=True),
+    "data.sort_sequences": _ge(1),
 }
 
 
@@ -323,6 +337,8 @@ def check_values(cfg: "Config") -> None:
         for i, value in enumerate(_value(cfg, key)):
             if not ok(value):
                 raise ConfigError(f"{key}[{i}]={value!r} is out of range: every entry must be {allowed}")
+    if len(cfg.data.sort_sequences) != 3:
+        raise ConfigError(f"data.sort_sequences={cfg.data.sort_sequences} must hold three counts (train, valid, test)")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas={cfg.train.betas} must hold two values (beta1, beta2)")
     if cfg.data.valid_fraction + cfg.data.test_fraction >= 1.0:

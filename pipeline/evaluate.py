@@ -55,6 +55,7 @@ from pipeline.evaluation.sources import (
     metrics,
     resolve_settings,
     score,
+    task_metrics,
     write_dump,
 )
 from pipeline.runtime import distributed
@@ -160,12 +161,18 @@ def evaluate(cfg: Config) -> dict:
     rows = []
     if e.perplexity:
         mem_lens = list(e.mem_lens) or [None]
-        plan = [resolve_settings(e, source.model, m) for m in mem_lens]   # every setting refused before any work
+        reset = cfg.train.document_reset if e.document_reset is None else e.document_reset
+        if reset and not manifest.boundaries:
+            raise EvalError(f"eval.document_reset=true (or train.document_reset) but the shards of {cfg.data.output} "
+                            f"record no document starts; set eval.document_reset=false or prepare with them")
+        # every setting refused before any work
+        plan = [resolve_settings(e, source.model, m) | {"document_reset": reset} for m in mem_lens]
         for m, settings in zip(mem_lens, plan):
             res = score(source, cfg.data.output, manifest, settings, device, dump=bool(e.dump) and m == mem_lens[0],
                         attention_buckets=e.attention_buckets)
             row = {"name": f"mem{settings['mem_len']}", "settings": settings,
-                   "metrics": metrics(res["nll_sum"], res["tokens"], kind, split.total_tokens, split.text),
+                   "metrics": metrics(res["nll_sum"], res["tokens"], kind, split.total_tokens, split.text)
+                   | task_metrics(manifest, res),
                    **{k: res[k] for k in ("nll_sum", "tokens", "unscored_tokens", "seconds", "tokens_per_s")}}
             if res["attention"] is not None:
                 row["attention"] = res["attention"]

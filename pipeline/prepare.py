@@ -79,6 +79,8 @@ def unit_fingerprints(corpus: Corpus, plan: dict[str, list[Unit]], entry: dict, 
                       dtype: str) -> dict[tuple[str, int], str]:
     common = {"corpus": corpus.name, "options": corpus.options(), "tokenizer": entry["files"],
               "chunk_tokens": chunk_tokens, "dtype": dtype}
+    if corpus.records_documents:     # shards with starts.npy differ from those written before it
+        common["documents"] = True
     return {(u.split, u.index): sha_json({**common, "split": u.split, "index": u.index,
                                           "unit": corpus.identity(u)})
             for s in SPLITS for u in plan[s]}
@@ -184,9 +186,10 @@ def merge_step(out: Path, corpus: Corpus, spec: TokenizerSpec, plan: dict[str, l
             raise CorpusError(f"{corpus.name}: split {split!r} is empty: its units hold no tokens")
     _remove_stale(out, plan)
     manifest = Manifest(corpus=corpus.name, tokenizer=entry, dtype=dtype, chunk_tokens=chunk_tokens,
-                        sentences=corpus.mode == "sentences", splits=splits,
+                        sentences=corpus.mode == "sentences", documents=corpus.records_documents,
+                        scored=corpus.scored, splits=splits,
                         options=json.loads(json.dumps({"corpus": corpus.options(),
-                                                       "tokenizer": dataclasses.asdict(spec)})))
+                                                       "tokenizer": spec.to_dict()})))
     manifest.save(out)
     return manifest
 

@@ -86,7 +86,15 @@ def resolve_config(cfg: Config, manifest: Manifest, shard_dir: str) -> Config:
         t.eval_tgt_len = t.tgt_len
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be >= 1")
+    check_document_reset(t.document_reset, manifest, shard_dir, "train.document_reset")
     return cfg
+
+
+def check_document_reset(reset: bool, manifest: Manifest, shard_dir: str, key: str) -> None:
+    if reset and not manifest.boundaries:
+        raise ConfigError(f"{key}=true but the shards of {shard_dir} (corpus {manifest.corpus}) record no document "
+                          f"starts; prepare a corpus that has them (text, stdlib, pg19, sort, lm1b sentences, or "
+                          f"wt103 with data.wt103_articles=true) or set {key}=false")
 
 
 def check_layout(t, world_size: int) -> None:
@@ -253,24 +261,39 @@ class Run:
         self.module.set_progress(self.step / t.max_steps)
         self._set_rounds()
         n_micro = self.rounds * t.micro_batches
+        batches = [next(self.streams) for _ in range(n_micro)]
+        masks = [b.masks(t.document_reset) for b in batches]
+        # Only some targets count (task corpora, document starts): every micro-batch's NLL sum is
+        # divided by the step's scored targets over all ranks (one more all-reduce), so the update
+        # is the token-weighted mean whatever the micro-batch each target fell into.
+        scale = None
+        if any(w is not None for _, w in masks):
+            (n_scored,) = distributed.all_reduce_sum([float(sum(int(w.sum()) for _, w in masks))])
+            scale = n_micro * self.world / max(n_scored, 1.0)
         loss_sum, bad = 0.0, []
-        for k in range(n_micro):
+        for k, batch in enumerate(batches):
             m = k % t.micro_batches
-            batch = next(self.streams)
             inputs = batch.inputs.to(self.device, non_blocking=True)
             targets = batch.targets.to(self.device, non_blocking=True)
+            doc_start, weights = (None if x is None else x.to(self.device, non_blocking=True) for x in masks[k])
             # The boundary is ours to say: DeepSpeed's own count (micro steps modulo the
             # accumulation) would be off after the accumulation count changes mid-run.
             engine.set_gradient_accumulation_boundary(k == n_micro - 1)
-            out = engine(inputs, targets, memory=self.memories[m])
-            value = float(out.loss.detach().float())
-            if math.isfinite(float(out.objective.detach().float())):
+            out = engine(inputs, targets, memory=self.memories[m], doc_start=doc_start)
+            objective = out.objective
+            if scale is not None:
+                nll = (out.nll * weights).sum()
+                objective = nll * scale if out.aux_loss is None else nll * scale + out.aux_loss
+                value = float(nll.detach().float()) * scale     # its share, as a mean of n_micro × world
+            else:
+                value = float(out.loss.detach().float())
+            if math.isfinite(float(objective.detach().float())):
                 loss_sum += value
             else:
                 bad.append((m, batch.stream_ids, value))
             if hooks.on_micro_batch:
                 hooks.on_micro_batch(self.step, batch, out)
-            engine.backward(out.objective)
+            engine.backward(objective)
             self.memories[m] = out.memory
             if k < n_micro - 1:
                 engine.step()        # accumulates; DeepSpeed updates at the boundary only
@@ -283,8 +306,9 @@ class Run:
         self.step += 1
         if engine.global_steps != self.step:
             raise RuntimeError(f"DeepSpeed counted {engine.global_steps} steps, the loop {self.step}")
+        # Every micro-batch scores the same number of tokens (or, with scored targets, each adds its
+        # share of the step's token-weighted mean): the mean of the means is token-weighted.
         loss = total / n_good if n_good else float("nan")
-        # Every micro-batch scores the same number of tokens: the mean of the means is token-weighted.
         self.window["loss"] += total
         self.window["count"] += n_good
         self.window["time"] += time.perf_counter() - tic
@@ -374,11 +398,14 @@ def validate(engine, cfg: Config, bpc: bool, memory_dtype: torch.dtype) -> dict:
     t = cfg.train
     mem_len = unwrap(engine).eval_mem_len(t.eval_tgt_len)   # the family's rule for keeping the span
     n = t.eval_n_streams or t.n_streams
+    scored = Manifest.load(cfg.data.output).scored
     sums = score_split(engine, cfg.data.output, "valid", n_streams=n, tgt_len=t.eval_tgt_len, mem_len=mem_len,
                        max_steps=t.eval_max_steps, memory_dtype=memory_dtype,
-                       attention_buckets=cfg.eval.attention_buckets)
+                       attention_buckets=cfg.eval.attention_buckets, document_reset=t.document_reset,
+                       accuracy=scored)
     # where attention went (attn_segment, attn_memory, ... : models/diagnostics.py), for the curves
-    return (summarize(sums["nll_sum"], sums["tokens"], bpc) | {"tokens": sums["tokens"]}
+    accuracy = {"accuracy": sums["correct"] / max(sums["tokens"], 1)} if scored else {}
+    return (summarize(sums["nll_sum"], sums["tokens"], bpc) | {"tokens": sums["tokens"]} | accuracy
             | attention_metrics(sums["attention"] or {}))
 
 

@@ -214,7 +214,7 @@ def test_text_globs_jsonl_and_hash_split(tmp_path):
     assert len(seen) == 40  # every text file in exactly one split
     # every JSONL record lands in exactly one split, by its key
     import json
-    recs = {s: [d for u in plan[s] for d, end in corpus.read_documents(u)
+    recs = {s: [d for u in plan[s] for d, _, end in corpus.read_documents(u)
                 if u.pieces and any(p.path.endswith(".jsonl") for p in u.pieces)] for s in SPLITS}
     bodies = [json.loads(l)["body"] + "\n" for l in (root / "docs" / "records.jsonl").read_text().splitlines()]
     got = [d for s in SPLITS for d in recs[s] if d in bodies]

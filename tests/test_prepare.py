@@ -179,7 +179,7 @@ def test_text_corpus_sentencepiece_documents(tmp_path):
     corpus = open_corpus(cfg.data)
     plan = corpus.plan()
     for split in SPLITS:
-        docs = [d for u in plan[split] for d, _ in corpus.read_documents(u)]
+        docs = [d for u in plan[split] for d, _, _ in corpus.read_documents(u)]
         ids = split_tokens(out, split)
         # documents end with </s>; between them the text decodes exactly
         bounds = np.flatnonzero(ids == tok.eos_id)
@@ -198,7 +198,7 @@ def test_text_corpus_word_vocab(tmp_path):
     from pipeline.data.corpora import open_corpus
     corpus = open_corpus(cfg.data)
     plan = corpus.plan()
-    lines = {s: list(io.StringIO("".join(d for u in plan[s] for d, _ in corpus.read_documents(u)), newline=None))
+    lines = {s: list(io.StringIO("".join(d for u in plan[s] for d, _, _ in corpus.read_documents(u)), newline=None))
              for s in SPLITS}
     symbols = ref_vocab(lines["train"], ["<eos>", "<unk>"])
     assert load_tokenizer(out).symbols == symbols

@@ -4,7 +4,9 @@ A split is an ordered list of webdataset tars ``{split}/shard-%06d.tar``. Shard 
 tokens of input unit ``i`` (a deterministic slice of the corpus, see ``pipeline.prepare``) as
 consecutive chunks of ``chunk_tokens`` ids (the unit's last chunk is shorter; chunks of sentence
 corpora end on sentence boundaries). A sample is ``{__key__: "<shard>_<chunk>", "tokens.npy"}``
-plus ``"starts.npy"`` (sentence start offsets within the chunk) for sentence corpora; ``.npy`` of
+plus ``"starts.npy"`` (sentence or document start offsets within the chunk) for corpora with
+sentences or documents, and ``"scored.npy"`` (uint8 per token: 1 where the token is a scored
+target) for task corpora whose loss counts only some positions (the sorting task); ``.npy`` of
 uint16 when the vocabulary fits, else uint32 — never pickle.
 
 Tars are written deterministically (fixed mtime/owner/order) and atomically, so the same unit
@@ -58,6 +60,7 @@ class ShardInfo:
     chunks: list[int]         # token count of each chunk, in order
     crc32: list[int]          # zlib.crc32 of each chunk's token bytes
     sentences: int = 0        # sentence corpora: sentences starting in this shard
+    documents: int = 0        # document corpora: documents starting in this shard
     text: Optional[dict] = None  # the unit's source text: {"words", "chars", "bytes", "lines"} (per-word ppl, bpb)
 
 
@@ -87,9 +90,16 @@ class Manifest:
     tokenizer: dict           # kind, file, sha256, vocab_size, special {name: id}
     dtype: str
     chunk_tokens: int
-    sentences: bool           # True: samples carry starts.npy (shuffled-sentence streams)
+    sentences: bool           # True: samples carry starts.npy of sentences (shuffled-sentence streams)
     splits: dict[str, SplitInfo]
     options: dict = dataclasses.field(default_factory=dict)  # corpus/tokenizer options that shaped the tokens
+    documents: bool = False   # True: samples carry starts.npy of documents (chunks not cut at them)
+    scored: bool = False      # True: samples carry scored.npy (only those targets count)
+
+    @property
+    def boundaries(self) -> bool:
+        """Whether chunks record where sentences or documents start (``train.document_reset``)."""
+        return self.sentences or self.documents
 
     def to_json(self) -> dict:
         out = {"format": FORMAT, "version": VERSION}
@@ -100,8 +110,13 @@ class Manifest:
             for shard in out["splits"][name]["shards"]:
                 if shard.get("text") is None:
                     shard.pop("text", None)
+                if not shard.get("documents"):
+                    shard.pop("documents", None)
             if split.text is not None:
                 out["splits"][name]["text"] = split.text
+        for flag in ("documents", "scored"):      # only where set: older manifests keep their sha256
+            if not out[flag]:
+                out.pop(flag)
         return out
 
     def save(self, shard_dir: str | Path) -> None:
@@ -124,7 +139,8 @@ class Manifest:
             }
             manifest = cls(corpus=raw["corpus"], tokenizer=raw["tokenizer"], dtype=raw["dtype"],
                            chunk_tokens=raw["chunk_tokens"], sentences=raw["sentences"], splits=splits,
-                           options=raw.get("options", {}))
+                           options=raw.get("options", {}), documents=bool(raw.get("documents", False)),
+                           scored=bool(raw.get("scored", False)))
         except (KeyError, TypeError) as exc:
             raise ShardError(f"{path}: malformed manifest ({exc!r})") from None
         manifest.check(raw, path)
@@ -186,13 +202,21 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(shard_dir: str | Path, split: str, index: int, tokens: np.ndarray, chunk_tokens: int,
-                dtype: str, sentence_starts: Optional[np.ndarray] = None) -> ShardInfo:
+                dtype: str, sentence_starts: Optional[np.ndarray] = None, doc_starts: Optional[np.ndarray] = None,
+                scored: Optional[np.ndarray] = None) -> ShardInfo:
     """Write one unit's tokens as shard ``index`` of ``split``, atomically.
 
     ``sentence_starts`` (sorted offsets into ``tokens``) makes chunks end on sentence boundaries
     and stores each chunk's starts; a sentence longer than ``chunk_tokens`` gets a chunk of its own.
+    ``doc_starts`` (sorted offsets of documents) are stored the same way without cutting chunks
+    at them (a book is longer than a chunk). ``scored`` (bool per token) is stored as scored.npy.
     """
+    if sentence_starts is not None and doc_starts is not None:
+        raise ValueError("write_shard: sentence_starts and doc_starts are exclusive")
     tokens = np.asarray(tokens)
+    if scored is not None and len(scored) != len(tokens):
+        raise ValueError(f"{shard_name(split, index)}: scored has {len(scored)} flags for {len(tokens)} tokens")
+    starts_all = sentence_starts if sentence_starts is not None else doc_starts
     if tokens.size and int(tokens.max()) > np.iinfo(dtype).max:
         raise ValueError(f"{shard_name(split, index)}: token id {int(tokens.max())} does not fit {dtype}")
     tokens = tokens.astype(dtype, copy=False)
@@ -206,9 +230,11 @@ def write_shard(shard_dir: str | Path, split: str, index: int, tokens: np.ndarra
             key = f"{index:06d}_{c:06d}"
             chunk = tokens[lo:hi]
             _add(tar, f"{key}.tokens.npy", _npy_bytes(chunk))
-            if sentence_starts is not None:
-                starts = sentence_starts[(sentence_starts >= lo) & (sentence_starts < hi)] - lo
+            if starts_all is not None:
+                starts = starts_all[(starts_all >= lo) & (starts_all < hi)] - lo
                 _add(tar, f"{key}.starts.npy", _npy_bytes(starts.astype(np.uint32)))
+            if scored is not None:
+                _add(tar, f"{key}.scored.npy", _npy_bytes(np.asarray(scored[lo:hi], dtype=np.uint8)))
             chunks.append(int(hi - lo))
             crcs.append(zlib.crc32(chunk.tobytes()))
     data = buf.getvalue()
@@ -216,7 +242,8 @@ def write_shard(shard_dir: str | Path, split: str, index: int, tokens: np.ndarra
     atomic_write_bytes(Path(shard_dir) / rel, data)
     return ShardInfo(file=rel, tokens=int(len(tokens)), samples=len(bounds), bytes=len(data),
                      sha256=hashlib.sha256(data).hexdigest(), chunks=chunks, crc32=crcs,
-                     sentences=0 if sentence_starts is None else int(len(sentence_starts)))
+                     sentences=0 if sentence_starts is None else int(len(sentence_starts)),
+                     documents=0 if doc_starts is None else int(len(doc_starts)))
 
 
 def _chunk_bounds(n: int, chunk_tokens: int, starts: Optional[np.ndarray]) -> list[tuple[int, int]]:
@@ -252,7 +279,8 @@ def _last_start_before(starts: np.ndarray, lo: int, limit: int) -> Optional[int]
 class ShardReader:
     """Random access to the chunks of one shard, verified against its manifest entry."""
 
-    def __init__(self, shard_dir: str | Path, info: ShardInfo, dtype: str, sentences: bool = False):
+    def __init__(self, shard_dir: str | Path, info: ShardInfo, dtype: str, sentences: bool = False,
+                 scored: bool = False):
         self.path = Path(shard_dir) / info.file
         self.info = info
         self.dtype = np.dtype(dtype)
@@ -269,7 +297,7 @@ class ShardReader:
                     self._members[m.name] = (m.offset_data, m.size)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ShardError(f"shard {self.path} is not a readable tar: {exc}") from None
-        expect = info.samples * (2 if sentences else 1)
+        expect = info.samples * (1 + int(sentences) + int(scored))   # sentences: any starts.npy
         if len(self._members) != expect:
             raise ShardError(f"shard {self.path} has {len(self._members)} members, expected {expect}")
         self._file = open(self.path, "rb")
@@ -304,6 +332,14 @@ class ShardReader:
     def starts(self, c: int) -> np.ndarray:
         key = f"{Path(self.info.file).stem.split('-')[-1]}_{c:06d}"
         return self._read(f"{key}.starts.npy")
+
+    def scored(self, c: int) -> np.ndarray:
+        key = f"{Path(self.info.file).stem.split('-')[-1]}_{c:06d}"
+        arr = self._read(f"{key}.scored.npy")
+        if arr.dtype != np.uint8 or arr.ndim != 1 or len(arr) != self.info.chunks[c]:
+            raise ShardError(f"shard {self.path}: chunk {c} scored.npy is {arr.dtype}[{len(arr)}], expected "
+                             f"uint8[{self.info.chunks[c]}] (corrupt shard); re-run prepare with --force")
+        return arr
 
 
 def verify_shard(shard_dir: str | Path, info: ShardInfo) -> None:
@@ -354,7 +390,7 @@ class SplitTokens:
     def _reader(self, s: int) -> ShardReader:
         if s not in self._readers:
             self._readers[s] = ShardReader(self.shard_dir, self.info.shards[s], self.manifest.dtype,
-                                           self.manifest.sentences)
+                                           self.manifest.boundaries, self.manifest.scored)
         return self._readers[s]
 
     def chunk_index(self, offset: int) -> int:
@@ -387,10 +423,12 @@ class SplitTokens:
         return out
 
     def sentence_starts(self, k: int) -> np.ndarray:
-        """Sentence start offsets (int64) within chunk ``k`` of a sentence corpus, checked to be
-        strictly increasing and inside the chunk (starts.npy carries no CRC of its own)."""
-        if not self.manifest.sentences:
-            raise ShardError(f"{self.split}: the manifest has sentences=false; chunks carry no starts.npy")
+        """Sentence (or document) start offsets (int64) within chunk ``k``, checked to be strictly
+        increasing and inside the chunk (starts.npy carries no CRC of its own; the shard's sha256
+        is checked before a run)."""
+        if not self.manifest.boundaries:
+            raise ShardError(f"{self.split}: the manifest records no sentence or document starts; chunks "
+                             f"carry no starts.npy")
         s, c = self._chunk_loc[k]
         reader = self._reader(s)
         starts = reader.starts(c)
@@ -403,6 +441,26 @@ class SplitTokens:
             raise ShardError(f"shard {reader.path}: chunk {c} starts.npy is not strictly increasing "
                              f"inside [0, {n}) (corrupt shard); re-run prepare with --force")
         return starts
+
+    def flags(self, lo: int, hi: int, starts: Optional[np.ndarray], scored: Optional[np.ndarray]) -> None:
+        """Fill ``starts`` (True where a sentence or document starts) and ``scored`` (True where the
+        token is a scored target) for tokens [lo, hi); either may be None."""
+        if hi <= lo:
+            return
+        if starts is not None:
+            starts[: hi - lo] = False
+        k = self.chunk_index(lo)
+        while k < len(self._chunk_loc) and self._chunk_start[k] < hi:
+            base, end = int(self._chunk_start[k]), int(self._chunk_start[k + 1])
+            a, b = max(lo, base), min(hi, end)
+            if starts is not None:
+                st = self.sentence_starts(k) + base
+                st = st[(st >= a) & (st < b)]
+                starts[st - lo] = True
+            if scored is not None:
+                s, c = self._chunk_loc[k]
+                scored[a - lo: b - lo] = self._reader(s).scored(c)[a - base: b - base] != 0
+            k += 1
 
     def iter_chunks(self) -> Iterator[np.ndarray]:
         for k in range(len(self._chunk_loc)):

@@ -87,16 +87,35 @@ def stream_ids(n_streams: int, world_size: int = 1, rank: int = 0, micro_batches
 
 class Batch(tuple):
     """``(inputs, targets)`` that also says which micro-batch and streams it is and whether it is
-    an unscored warm-up batch. ``inputs, targets = batch`` still works."""
+    an unscored warm-up batch. ``inputs, targets = batch`` still works.
+
+    ``starts [B, n+1]`` (bool; manifests with sentence or document starts): True where a token of
+    the block ``inputs + last target`` opens a document (also where a stream wraps around);
+    ``scored [B, n]`` (bool; task corpora): True where the target counts."""
 
     def __new__(cls, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int,
-                stream_ids: tuple[int, ...], warmup: bool, epoch: int):
+                stream_ids: tuple[int, ...], warmup: bool, epoch: int,
+                starts: Optional[torch.Tensor] = None, scored: Optional[torch.Tensor] = None):
         self = super().__new__(cls, (inputs, targets))
         self.micro_batch, self.stream_ids, self.warmup, self.epoch = micro_batch, stream_ids, warmup, epoch
+        self.starts, self.scored = starts, scored
         return self
 
     inputs = property(lambda self: self[0])
     targets = property(lambda self: self[1])
+
+    def masks(self, document_reset: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(doc_start [B, n] over the inputs, or None; weights [B, n] over the targets, or None
+        when every target counts)``. With ``document_reset`` a target that opens a document is not
+        scored: it would be predicted from the previous document."""
+        doc_start, weights = None, self.scored
+        if document_reset:
+            if self.starts is None:
+                raise StreamError("document_reset needs shards that record document (or sentence) starts")
+            doc_start = self.starts[:, :-1]
+            opens = self.starts[:, 1:]
+            weights = ~opens if weights is None else weights & ~opens
+        return doc_start, weights
 
     def __repr__(self) -> str:
         return (f"Batch(shape={tuple(self[0].shape)}, micro_batch={self.micro_batch}, "
@@ -161,6 +180,9 @@ class _OrderedSource:
     def read(self, epoch: int, lo: int, hi: int, out: np.ndarray) -> None:
         self.tokens.read(lo, hi, out=out)
 
+    def flags(self, epoch: int, lo: int, hi: int, starts: Optional[np.ndarray], scored: Optional[np.ndarray]) -> None:
+        self.tokens.flags(lo, hi, starts, scored)
+
 
 class _ShuffledSentences:
     """Epoch ``e``'s sequence: chunks in a shuffled order, each with its sentences shuffled."""
@@ -169,7 +191,7 @@ class _ShuffledSentences:
         self.tokens, self.seed = tokens, seed
         self.lengths = np.array([n for shard in tokens.info.shards for n in shard.chunks], dtype=np.int64)
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._cache_chunks = max(1, cache_chunks)
 
     def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,8 +206,12 @@ class _ShuffledSentences:
         return self._orders[epoch]
 
     def shuffled_chunk(self, epoch: int, k: int) -> np.ndarray:
-        arr = self._cache.get((epoch, k))
-        if arr is None:
+        return self._shuffled(epoch, k)[0]
+
+    def _shuffled(self, epoch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the chunk's tokens with its sentences shuffled, True where a sentence starts)."""
+        hit = self._cache.get((epoch, k))
+        if hit is None:
             raw = self.tokens.chunk(k)
             starts = self.tokens.sentence_starts(k)
             if len(starts) == 0 or starts[0] != 0:          # tokens before the first start: one more piece
@@ -197,10 +223,12 @@ class _ShuffledSentences:
             # Gather index: output position p in sentence q comes from starts[perm[q]] + (p - new_starts[q]).
             src = np.arange(len(raw)) + np.repeat(starts[perm] - new_starts, new_lens)
             arr = raw[src]
+            opens = np.zeros(len(raw), dtype=bool)
+            opens[new_starts[new_lens > 0]] = True
             if len(self._cache) >= self._cache_chunks:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[(epoch, k)] = arr
-        return arr
+            hit = self._cache[(epoch, k)] = (arr, opens)
+        return hit
 
     def read(self, epoch: int, lo: int, hi: int, out: np.ndarray) -> None:
         order, starts = self.order(epoch)
@@ -211,6 +239,22 @@ class _ShuffledSentences:
             base = int(starts[q])
             take = min(hi, base + len(arr)) - pos
             out[pos - lo: pos - lo + take] = arr[pos - base: pos - base + take]
+            pos += take
+            q += 1
+
+    def flags(self, epoch: int, lo: int, hi: int, starts: Optional[np.ndarray], scored: Optional[np.ndarray]) -> None:
+        if scored is not None:
+            raise StreamError("shuffled_sentences streams do not carry scored targets")
+        if starts is None:
+            return
+        order, offsets = self.order(epoch)
+        q = int(np.searchsorted(offsets, lo, side="right")) - 1
+        pos = lo
+        while pos < hi:
+            opens = self._shuffled(epoch, int(order[q]))[1]
+            base = int(offsets[q])
+            take = min(hi, base + len(opens)) - pos
+            starts[pos - lo: pos - lo + take] = opens[pos - base: pos - base + take]
             pos += take
             q += 1
 
@@ -272,6 +316,12 @@ class SegmentStreams:
         self._mb_ids = [tuple(self.micro_batch_ids(m)) for m in range(micro_batches)]
         self._buf = [np.empty((self._rows, self._window + 1), dtype=tokens.manifest.dtype)
                      for _ in range(micro_batches)]
+        # Beside the tokens: where documents start and which targets count, when the shards say.
+        man = tokens.manifest
+        self._starts = [np.zeros((self._rows, self._window + 1), dtype=bool) if man.boundaries else None
+                        for _ in range(micro_batches)]
+        self._scored = [np.zeros((self._rows, self._window + 1), dtype=bool) if man.scored else None
+                        for _ in range(micro_batches)]
         self._rel = [0] * micro_batches
         self._valid = [0] * micro_batches
 
@@ -324,12 +374,17 @@ class SegmentStreams:
             block = self._buf[m][:, rel: rel + n + 1]
             inputs = torch.from_numpy(block[:, :-1].astype(np.int64))
             targets = torch.from_numpy(block[:, 1:].astype(np.int64))
+            starts = scored = None
+            if self._starts[m] is not None:
+                starts = torch.from_numpy(self._starts[m][:, rel: rel + n + 1].copy())
+            if self._scored[m] is not None:
+                scored = torch.from_numpy(self._scored[m][:, rel + 1: rel + n + 1].copy())
             if self.pin_memory:
                 inputs, targets = inputs.pin_memory(), targets.pin_memory()
             self._rel[m] = rel + n
             off += n
             self._next_mb = (m + 1) % self.micro_batches
-            return Batch(inputs, targets, m, self._mb_ids[m], warmup, int(ep.min()))
+            return Batch(inputs, targets, m, self._mb_ids[m], warmup, int(ep.min()), starts, scored)
         raise StopIteration
 
     def _mixed(self, m: int, why: str) -> None:
@@ -355,8 +410,14 @@ class SegmentStreams:
             else:           # positions before 0 (warm-up of the first streams) wrap to the split's end
                 pieces = _pieces(b * L + o, count, T)
             at = 0
-            for lo, hi in pieces:
+            st, sc = self._starts[m], self._scored[m]
+            for p, (lo, hi) in enumerate(pieces):
                 self.source.read(e, lo, hi, buf[i, at: at + hi - lo])
+                if st is not None or sc is not None:
+                    self.source.flags(e, lo, hi, None if st is None else st[i, at: at + hi - lo],
+                                      None if sc is None else sc[i, at: at + hi - lo])
+                    if p and st is not None:
+                        st[i, at] = True        # a wrap joins tokens that were never neighbours
                 at += hi - lo
             valid = count if valid is None else min(valid, count)
         self._rel[m], self._valid[m] = 0, valid

@@ -46,7 +46,8 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
                 same_length: Optional[bool] = None, cmem_len: Optional[int] = None, warm_tokens: int = 0,
                 max_steps: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
                 device: Optional[torch.device] = None, memory_dtype: Optional[torch.dtype] = None,
-                reduce: bool = True, on_scored: Optional[Callable] = None, attention_buckets: int = 0) -> dict:
+                reduce: bool = True, on_scored: Optional[Callable] = None, attention_buckets: int = 0,
+                document_reset: bool = False, accuracy: bool = False) -> dict:
     """NLL summed over the split's scored tokens and their count, over all ranks (see module doc).
 
     ``max_steps`` > 0 scores only the first ``max_steps`` segments of every stream (the same
@@ -54,6 +55,9 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
     sees every scored batch and its per-token NLL (the evaluation stage's per-token dump).
     ``attention_buckets`` > 0 also measures where the scored segments' attention goes
     (models/diagnostics.py), returned as ``attention`` (None for a family without it).
+    ``document_reset``: no token sees an earlier document (and a target that opens one is not
+    scored); shards with scored targets (the sorting task) count only those. ``accuracy`` also
+    counts the scored targets whose argmax prediction is right (``correct``).
     """
     rank = distributed.get_rank() if rank is None else rank
     world_size = distributed.get_world_size() if world_size is None else world_size
@@ -66,6 +70,7 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
                            world_size=world_size, warm_tokens=warm_tokens, drop_last=False)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     mass = None
     try:
         with contextlib.ExitStack() as stack:
@@ -81,25 +86,30 @@ def score_split(model, shard_dir: str | Path, split: str, *, n_streams: int, tgt
                 if mass is not None:
                     mass.active = not batch.warmup         # warm-up forwards are not scored
                 inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-                out = model(inputs, targets, memory=memory)
+                doc_start, weights = (None if x is None else x.to(device) for x in batch.masks(document_reset))
+                out = model(inputs, targets, memory=memory, doc_start=doc_start, return_logprobs=accuracy)
                 memory = out.memory
                 if batch.warmup:
                     continue
-                nll_sum += out.nll.double().sum()
+                nll = out.nll if weights is None else out.nll.masked_fill(~weights, 0.0)
+                nll_sum += nll.double().sum()
+                if accuracy:
+                    right = out.logprobs.argmax(dim=-1) == targets
+                    correct += (right if weights is None else right & weights).double().sum()
                 if on_scored is not None:
-                    on_scored(batch, out.nll)
-                tokens += targets.numel()
+                    on_scored(batch, out.nll if weights is None else out.nll.masked_fill(~weights, float("nan")))
+                tokens += targets.numel() if weights is None else int(weights.sum())
                 scored += 1
                 if max_steps and scored >= max_steps:
                     break
     finally:
         streams.close()
         model.train(was_training)
-    result = {"nll_sum": float(nll_sum), "tokens": tokens}
+    result = {"nll_sum": float(nll_sum), "tokens": tokens, "correct": float(correct)}
     if reduce:
-        total, count, *attention = distributed.all_reduce_sum([result["nll_sum"], float(tokens)]
-                                                              + ([] if mass is None else mass.flat()))
-        result = {"nll_sum": total, "tokens": int(count)}
+        total, count, right, *attention = distributed.all_reduce_sum(
+            [result["nll_sum"], float(tokens), result["correct"]] + ([] if mass is None else mass.flat()))
+        result = {"nll_sum": total, "tokens": int(count), "correct": right}
         if mass is not None:
             mass.load_flat(attention)
     result["attention"] = None if mass is None else mass.summary()

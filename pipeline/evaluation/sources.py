@@ -116,11 +116,20 @@ def metrics(nll_sum: float, tokens: int, kind: str, split_tokens: int, text: Opt
     return out
 
 
+def task_metrics(manifest: Manifest, res: dict) -> dict:
+    """Accuracy of the argmax prediction over the scored targets of a task corpus: the sorting
+    task's ``sort_accuracy`` (the ∞-former paper's metric); nothing for language corpora."""
+    if not manifest.scored:
+        return {}
+    return {f"{manifest.corpus}_accuracy": res["correct"] / max(res["tokens"], 1)}
+
+
 def headline(m: dict) -> str:
     parts = [f"loss {m['loss']:.4f}"]
     for k in ("ppl", "word_ppl", "bpc", "bpb"):
         if k in m:
             parts.append(f"{k} {m[k]:.4f}" if k in ("bpc", "bpb") else f"{k} {m[k]:.2f}")
+    parts += [f"{k} {v:.4f}" for k, v in m.items() if k.endswith("_accuracy")]
     return " | ".join(parts)
 
 
@@ -179,11 +188,13 @@ def score(source: Source, shard_dir: str, manifest: Manifest, settings: dict, de
                        clamp_len=settings.get("clamp_len"), same_length=settings.get("same_length"),
                        cmem_len=settings.get("cmem_len"), warm_tokens=settings["warm_tokens"],
                        max_steps=settings["max_steps"], device=device, on_scored=recorder,
-                       attention_buckets=attention_buckets)
+                       attention_buckets=attention_buckets, document_reset=settings.get("document_reset", False),
+                       accuracy=manifest.scored)
     seconds = time.perf_counter() - tic
     out = {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"], "seconds": seconds,
            "tokens_per_s": sums["tokens"] / max(seconds, 1e-9), "split_tokens": split_tokens,
-           "unscored_tokens": split_tokens - layout.scored_tokens, "attention": sums.get("attention")}
+           "unscored_tokens": split_tokens - layout.scored_tokens, "attention": sums.get("attention"),
+           "correct": sums["correct"]}
     if recorder is not None:
         out["dump"] = recorder.gather(split_tokens)
     return out

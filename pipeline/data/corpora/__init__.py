@@ -35,7 +35,8 @@ from pipeline.data.corpora.base import (
     missing_error,
     read_range,
 )
-from pipeline.data.corpora.text import Stdlib, TextFiles
+from pipeline.data.corpora.sort import Sort
+from pipeline.data.corpora.text import PG19, Stdlib, TextFiles
 
 if TYPE_CHECKING:  # the config module imports torch (via models); the text8 CLI does not need it
     from pipeline.config import DataConfig
@@ -68,13 +69,43 @@ class _SplitFiles(Corpus):
 
 
 class WT103(_SplitFiles):
+    """WikiText-103; with ``data.wt103_articles`` the shards also record where each article starts
+    (its `` = Title = `` line; `` = = Section = = `` lines do not start one). The tokens are the same."""
+
     name = "wt103"
     names = {s: (f"wiki.{s}.tokens", f"{s}.txt") for s in SPLITS}
     section = "WikiText-103"
+    ARTICLE = re.compile(r"^ = [^=].* = $")
 
     def tokenizer_defaults(self) -> TokenizerDefaults:
         return TokenizerDefaults(kinds=("word", "char", "byte", "sentencepiece"), count_on=("train",),
                                  lower_case=False, specials=("<eos>",), eos="<eos>", unk="<unk>")
+
+    def options(self) -> dict:
+        opts = super().options()
+        if self.cfg.wt103_articles:     # only when set: other runs keep their fingerprints
+            opts["articles"] = True
+        return opts
+
+    @property
+    def records_documents(self) -> bool:
+        return self.cfg.wt103_articles
+
+    def line_documents(self, unit: Unit) -> Optional[list[tuple[str, bool, bool]]]:
+        if not self.cfg.wt103_articles:
+            return None
+        docs: list[tuple[str, bool, bool]] = []
+        lines: list[str] = []
+        opens = False
+        for line in self.read_text(unit).splitlines(keepends=True):
+            if self.ARTICLE.match(line.rstrip("\r\n")):
+                if lines:
+                    docs.append(("".join(lines), opens, False))
+                lines, opens = [], True
+            lines.append(line)
+        if lines:
+            docs.append(("".join(lines), opens, False))
+        return docs
 
 
 class PTB(_SplitFiles):
@@ -222,13 +253,13 @@ class Text8(_ByteRange):
         return TokenizerDefaults(kinds=("char", "byte"), count_on=SPLITS)
 
 
-CORPORA = {c.name: c for c in (WT103, PTB, LM1B, Enwik8, Text8, TextFiles, Stdlib)}
+CORPORA = {c.name: c for c in (WT103, PTB, LM1B, Enwik8, Text8, TextFiles, Stdlib, PG19, Sort)}
 
 
 def open_corpus(cfg: DataConfig) -> Corpus:
     if cfg.corpus not in CORPORA:
         raise CorpusError(f"data.corpus={cfg.corpus!r} is unknown; choose one of {sorted(CORPORA)}")
-    if cfg.corpus not in ("stdlib", "text") and not cfg.path:
+    if cfg.corpus not in ("stdlib", "text", "sort") and not cfg.path:
         raise CorpusError(f"{cfg.corpus}: data.path is empty; point it at the corpus (see {README})")
     return CORPORA[cfg.corpus](cfg)
 

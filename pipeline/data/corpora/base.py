@@ -61,6 +61,7 @@ class TokenizerDefaults:
     bos: Optional[str] = None               # word: opens every line (lm1b sentences)
     unk: Optional[str] = None               # word: unknown words map to it when the vocabulary has it
     vocab_file: Optional[str] = None        # word: fixed vocabulary instead of counting
+    symbols: tuple[str, ...] = ()           # word: the whole vocabulary, fixed (generated tasks)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -134,7 +135,18 @@ class Corpus:
     """Base: ``plan()`` the units of each split, ``read_*`` a unit's raw data."""
 
     name = ""
-    mode = "lines"   # lines | sentences | bytes | documents (how prepare encodes a unit)
+    mode = "lines"   # lines | sentences | bytes | documents | generated (how prepare encodes a unit)
+    scored = False   # True: only some targets count (shards carry scored.npy; generated tasks)
+
+    @property
+    def records_documents(self) -> bool:
+        """Whether shards record document starts (``train.document_reset`` needs them)."""
+        return self.mode in ("documents", "generated")
+
+    def line_documents(self, unit: Unit) -> Optional[list[tuple[str, bool, bool]]]:
+        """A line corpus's unit as ``(text, opens, ends)`` documents when it records them (WT103
+        articles), else None."""
+        return None
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg

@@ -127,20 +127,21 @@ class TextFiles(Corpus):
         return f"data.path={self.cfg.path!r}, valid_fraction={self.cfg.valid_fraction}, " \
                f"test_fraction={self.cfg.test_fraction}"
 
-    def read_documents(self, unit: Unit) -> list[tuple[str, bool]]:
-        """(text, ends_document) of each document: whole files or this split's JSONL records, each
-        ending with a newline; a big file cut into several units ends in its last unit."""
+    def read_documents(self, unit: Unit) -> list[tuple[str, bool, bool]]:
+        """(text, opens_document, ends_document) of each document: whole files or this split's JSONL
+        records, each ending with a newline; a big file cut into several units opens in its first
+        unit and ends in its last."""
         out = []
         for p in unit.pieces:
             raw = read_range(p.path, p.start, p.end)
             if p.path.endswith(".jsonl"):
-                out.extend((doc, True) for doc in self._records(p, raw, unit.split))
+                out.extend((doc, True, True) for doc in self._records(p, raw, unit.split))
                 continue
             text = decode(raw, p.path, p.start, self.cfg.errors)
             end = p.end == p.file_size
             if end and text and not text.endswith("\n"):
                 text += "\n"
-            out.append((text, end))
+            out.append((text, p.start == 0, end))
         return out
 
     def _records(self, p: Piece, raw: bytes, split: str) -> list[str]:
@@ -198,3 +199,48 @@ class Stdlib(TextFiles):
 
     def _where(self, split: str) -> str:
         return f"{self.root}"
+
+
+class PG19(TextFiles):
+    """PG-19 (Rae et al. 2020) in DeepMind's release layout: ``train/``, ``validation/`` and ``test/``
+    folders of one book per ``<id>.txt`` (``metadata.csv`` beside them is not needed). Each book is
+    one document, kept whole (a book larger than data.unit_bytes spans consecutive units)."""
+
+    name = "pg19"
+    FOLDERS = {"train": "train", "valid": "validation", "test": "test"}
+
+    def __init__(self, cfg: DataConfig):
+        super().__init__(cfg)
+        self.root = Path(cfg.path).expanduser()
+
+    def tokenizer_defaults(self) -> TokenizerDefaults:
+        # The papers use a 32k subword vocabulary (Rae et al.: SubwordTextEncoder); sentencepiece here.
+        return TokenizerDefaults(kinds=("sentencepiece", "word", "char", "byte"), count_on=("train",),
+                                 specials=("<eos>", "<unk>"), eos="<eos>", unk="<unk>")
+
+    def options(self) -> dict:
+        return {"errors": self.cfg.errors, "unit_bytes": self.cfg.unit_bytes}
+
+    def _books(self) -> dict[str, list[Path]]:
+        out = {}
+        for split, folder in self.FOLDERS.items():
+            d = self.root / folder
+            if not d.is_dir():
+                raise CorpusError(f"pg19: {d} is not a directory; data.path must hold the release's train/, "
+                                  f"validation/ and test/ folders (see {README} → PG-19)")
+            books = sorted(p for p in d.glob("*.txt") if p.is_file())
+            if not books:
+                raise CorpusError(f"pg19: {d} holds no <id>.txt books")
+            out[split] = books
+        return out
+
+    def sources(self) -> list[tuple[Path, str]]:
+        return [(p.absolute(), p.relative_to(self.root).as_posix()) for books in self._books().values() for p in books]
+
+    def _assign(self) -> dict[str, list[Path]]:
+        books = self._books()
+        self._keys = {str(p.absolute()): p.relative_to(self.root).as_posix() for ps in books.values() for p in ps}
+        return {split: [p.absolute() for p in ps] for split, ps in books.items()}
+
+    def _where(self, split: str) -> str:
+        return f"{self.root / self.FOLDERS[split]}"

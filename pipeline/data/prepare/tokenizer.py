@@ -55,10 +55,19 @@ class TokenizerSpec:
     bos: Optional[str] = None
     unk: Optional[str] = None
     vocab_file: Optional[str] = None
+    symbols: tuple[str, ...] = ()
     vocab_size: int = 0
     model_type: str = ""
     sample_bytes: int = 0
     character_coverage: float = 0.0
+
+    def to_dict(self) -> dict:
+        """As recorded in fingerprints and the manifest (``symbols`` only when set, so the specs of
+        every other corpus keep the fingerprints they had before it existed)."""
+        out = dataclasses.asdict(self)
+        if not out["symbols"]:
+            out.pop("symbols")
+        return out
 
 
 def resolve_tokenizer(tcfg: TokenizerConfig, corpus: Corpus) -> TokenizerSpec:
@@ -78,9 +87,9 @@ def resolve_tokenizer(tcfg: TokenizerConfig, corpus: Corpus) -> TokenizerSpec:
     if vocab_file and not Path(vocab_file).is_file():
         raise PrepareError(f"tokenizer.vocab_file={vocab_file!r} does not exist")
     return TokenizerSpec("word", lower_case=d.lower_case if tcfg.lower_case is None else tcfg.lower_case,
-                         count_on=() if vocab_file else count_on, min_freq=tcfg.min_freq,
+                         count_on=() if (vocab_file or d.symbols) else count_on, min_freq=tcfg.min_freq,
                          max_size=tcfg.max_size, specials=d.specials, eos=d.eos, bos=d.bos, unk=d.unk,
-                         vocab_file=str(Path(vocab_file).resolve()) if vocab_file else None)
+                         vocab_file=str(Path(vocab_file).resolve()) if vocab_file else None, symbols=d.symbols)
 
 
 def tokenizer_fingerprint(corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Unit]]) -> str:
@@ -91,7 +100,7 @@ def tokenizer_fingerprint(corpus: Corpus, spec: TokenizerSpec, plan: dict[str, l
         inputs = [[spec.vocab_file, st.st_size, int(st.st_mtime)]]
     else:
         inputs = [corpus.identity(u) for s in spec.count_on for u in plan[s]]
-    return sha_json({"corpus": corpus.name, "options": corpus.options(), "spec": dataclasses.asdict(spec),
+    return sha_json({"corpus": corpus.name, "options": corpus.options(), "spec": spec.to_dict(),
                       "inputs": inputs})
 
 
@@ -103,6 +112,8 @@ def build_tokenizer(corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Un
         return SentencePieceTokenizer(train_sentencepiece(
             _sample_lines(corpus, plan["train"], spec.sample_bytes), spec.vocab_size, spec.model_type,
             spec.character_coverage, threads=workers), threads=workers)
+    if spec.symbols:
+        return _word_vocab(list(spec.symbols), spec)
     if spec.vocab_file:
         return _word_vocab(read_vocab_file(spec.vocab_file), spec)
     units = [u for s in spec.count_on for u in plan[s]]

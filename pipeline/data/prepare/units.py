@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -40,30 +40,55 @@ def sha_json(obj) -> str:
 def unit_text(corpus: Corpus, unit: Unit) -> str:
     """A unit's text as the tokenizer sees it when counting or sampling."""
     if corpus.mode == "documents":
-        return "".join(text for text, _ in corpus.read_documents(unit))
+        return "".join(text for text, _, _ in corpus.read_documents(unit))
+    if corpus.mode == "generated":
+        return corpus.read_text(unit)
     return corpus.read_text(unit)
 
 
-def encode_unit(corpus: Corpus, tok: Tokenizer, unit: Unit) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Token ids of a unit (and sentence starts for sentence corpora)."""
+class Encoded(NamedTuple):
+    """A unit's token ids and what the shard records beside them (pipeline.data.shards)."""
+    tokens: np.ndarray
+    sentence_starts: Optional[np.ndarray] = None
+    doc_starts: Optional[np.ndarray] = None
+    scored: Optional[np.ndarray] = None
+
+
+def encode_unit(corpus: Corpus, tok: Tokenizer, unit: Unit) -> Encoded:
+    """Token ids of a unit, with sentence starts (sentence corpora), document starts (document
+    corpora) or scored targets (generated tasks)."""
     try:
         if corpus.mode == "sentences":
-            return tok.encode_sentences(corpus.read_text(unit))
+            return Encoded(*tok.encode_sentences(corpus.read_text(unit)))
+        if corpus.mode == "generated":
+            return Encoded(*corpus.generate(unit, tok))
         if corpus.mode == "documents":
-            docs = corpus.read_documents(unit)
-            if tok.doc_end is None:  # documents end with a newline: encoding them joined is the same
-                return tok.encode("".join(text for text, _ in docs)), None
-            parts: list[np.ndarray] = []
-            for (_, end), ids in zip(docs, tok.encode_batch([text for text, _ in docs])):
-                parts.append(ids)
-                if end and tok.doc_end is not None:
-                    parts.append(np.array([tok.doc_end], dtype=np.int64))
-            return (np.concatenate(parts) if parts else np.empty(0, np.int64)), None
+            return _encode_documents(corpus.read_documents(unit), tok)
         if isinstance(tok, ByteTokenizer):
-            return tok.encode_bytes(corpus.read_bytes(unit)), None
-        return tok.encode(corpus.read_text(unit)), None
+            return Encoded(tok.encode_bytes(corpus.read_bytes(unit)))
+        docs = corpus.line_documents(unit) if corpus.mode == "lines" else None
+        if docs is not None:
+            return _encode_documents(docs, tok)
+        return Encoded(tok.encode(corpus.read_text(unit)))
     except UnknownSymbolError as exc:
         raise CorpusError(f"{_locate(corpus, unit, exc.line)}: {exc}") from None
+
+
+def _encode_documents(docs: list[tuple[str, bool, bool]], tok: Tokenizer) -> Encoded:
+    """Each document encoded on its own (documents end with a newline, so this equals encoding
+    them joined), the tokenizer's document-end id after each that ends here, and the offset of
+    each that opens here."""
+    parts: list[np.ndarray] = []
+    starts, at = [], 0
+    for (_, opens, end), ids in zip(docs, tok.encode_batch([text for text, _, _ in docs])):
+        if end and tok.doc_end is not None:
+            ids = np.append(ids, np.int64(tok.doc_end))
+        if opens and len(ids):
+            starts.append(at)
+        parts.append(ids)
+        at += len(ids)
+    tokens = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    return Encoded(tokens, doc_starts=np.asarray(starts, dtype=np.int64))
 
 
 def text_stats(corpus: Corpus, unit: Unit) -> dict:
@@ -131,14 +156,15 @@ def count_task(unit: Unit) -> tuple[list[str], np.ndarray]:
 def encode_task(unit: Unit, fingerprint: str) -> tuple[Optional[dict], int, float]:
     t0 = time.perf_counter()
     out = Path(_W["out"])
-    tokens, starts = encode_unit(_W["corpus"], _W["tok"], unit)
+    enc = encode_unit(_W["corpus"], _W["tok"], unit)
+    tokens = enc.tokens
     tar = out / shard_name(unit.split, unit.index)
     if len(tokens) == 0:  # e.g. a JSONL unit with no record of this split: no shard, only the sidecar
         tar.unlink(missing_ok=True)
         info = None
     else:
         info = dataclasses.asdict(write_shard(out, unit.split, unit.index, tokens, _W["chunk_tokens"],
-                                              _W["dtype"], starts))
+                                              _W["dtype"], enc.sentence_starts, enc.doc_starts, enc.scored))
         info["text"] = text_stats(_W["corpus"], unit)
     atomic_write_json(sidecar_path(out, unit), {"fingerprint": fingerprint, "shard": info})
     return info, int(len(tokens)), time.perf_counter() - t0
