@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models import documents
+from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models.memory import Memory
 from models.modules.layers import PositionwiseFF, layer_norm, linear
 

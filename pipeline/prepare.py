@@ -30,7 +30,6 @@ This module holds the shard and merge steps and the entry points; the tokenizer 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os

@@ -95,8 +95,8 @@ class Sort(Corpus):
         """(tokens, no sentence starts, document starts, scored) of a unit: ids are the symbols
         themselves (the fixed vocabulary's order)."""
         if tok is not None and tok.encode(" ".join(SYMBOLS)).tolist() != list(range(len(SYMBOLS))):
-            raise CorpusError(f"sort: the tokenizer does not map {SYMBOLS[0]}..{SYMBOLS[-1]} to ids 0..{len(SYMBOLS) - 1}; "
-                              f"prepare the sort corpus with its own word tokenizer (tokenizer.kind: word)")
+            raise CorpusError(f"sort: the tokenizer does not map {SYMBOLS[0]}..{SYMBOLS[-1]} to ids "
+                              f"0..{len(SYMBOLS) - 1}; prepare the sort corpus with its own word tokenizer")
         parts, starts, scored = [], [], []
         at = 0
         for i in self.sequences(unit):
