@@ -117,3 +117,55 @@ def test_validation_under_zero3_with_every_parameter_partitioned(runs, family):
                    record=False)
     assert got[0]["losses"] == ref[0]["losses"]
     assert got[0]["valid"]["loss"] == pytest.approx(ref[0]["valid"]["loss"], rel=1e-6)
+
+
+# -- documents and scored targets (tests/test_documents.py has the single-process checks) ------
+
+
+@pytest.mark.parametrize("family", ["transformer_xl", *sorted(FAMILIES)])
+def test_document_reset_trains_under_zero_and_resumes_bitwise(runs, family):
+    """The JSONL corpus's documents: no token sees an earlier one, under ZeRO 0 and 2 alike, and
+    the rows' document lengths ride in the checkpoint so a resume is bitwise."""
+    args = [*FAMILIES.get(family, []), "train.document_reset=true", "train.clip=0"]
+    ref = runs.run(f"{family}-docs0", [*args, "train.zero_stage=0"], record=False)
+    two = runs.run(f"{family}-docs2", [*args, "train.zero_stage=2"], record=False)
+    losses = two[0]["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses == ref[0]["losses"]
+    again = runs.run(f"{family}-docs2-resumed", [*args, "train.zero_stage=2"], record=False,
+                     seed_from=(f"{family}-docs2", 3))
+    assert again[0]["losses"] == losses[3:]
+    assert_same_weights(weights(runs.ckpt(f"{family}-docs2-resumed", 6)), weights(runs.ckpt(f"{family}-docs2", 6)))
+    fields = torch.load(runs.ckpt(f"{family}-docs2", 3) / "xlpipe" / "rank0.pt", weights_only=True)["memory"]["fields"]
+    assert fields["doc_len"].dtype == torch.long and tuple(fields["doc_len"].shape) == (2,)
+
+
+@pytest.fixture(scope="module")
+def sort_runs(tmp_path_factory) -> Runs:
+    from pipeline.config import load_config
+    from pipeline.prepare import prepare
+
+    root = tmp_path_factory.mktemp("sort")
+    cfg = load_config(None, [f"data.output={root / 'sort'}", "data.corpus=sort", "data.sort_length=60",
+                             "data.sort_sequences=[24,8,8]", "data.sort_unit_sequences=8", "data.workers=1"])
+    prepare(cfg, progress=False)
+    found = Runs(root)
+    found.shards = root / "sort"
+    return found
+
+
+def test_scored_targets_make_the_update_a_token_weighted_mean_whatever_the_layout(sort_runs):
+    """The sorting task scores 20 of every 81 targets, unevenly over micro-batches and ranks: the
+    step divides every micro-batch's NLL sum by the step's scored targets over all ranks, so one
+    rank with one micro-batch, one rank with two and two ranks make the same updates."""
+    args = ["train.document_reset=true", "model.dropout=0.0", "train.clip=0", "train.roll=false",
+            "train.eval_every=3", "train.eval_tgt_len=8"]
+    one = sort_runs.run("sort-1x1", args, world=1, record=False)
+    accum = sort_runs.run("sort-1x2", [*args, "train.micro_batches=2"], world=1, record=False)
+    ranks = sort_runs.run("sort-2x1", args, world=2, record=False)
+    for other in (accum, ranks):
+        assert other[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
+        assert_same_weights(weights(sort_runs.ckpt("sort-1x2" if other is accum else "sort-2x1", 6)),
+                            weights(sort_runs.ckpt("sort-1x1", 6)), atol=1e-5)
+    valid = one[0]["valid"]
+    assert 0.0 <= valid["accuracy"] <= 1.0 and math.isfinite(valid["loss"])
+    assert valid["tokens"] <= 8 * 20                  # only the answers are scored
