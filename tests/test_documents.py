@@ -11,7 +11,6 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from corpus_fixtures import make_wt103, sentences
 
 from models import build_model
 from models.compressive import CompressiveConfig
@@ -25,6 +24,8 @@ from pipeline.data.streams import StreamError, open_streams
 from pipeline.data.tokenizers import load_tokenizer
 from pipeline.evaluation.scoring import score_split
 from pipeline.prepare import prepare
+
+from corpus_fixtures import make_wt103, sentences
 
 N_TOKEN = 40
 
