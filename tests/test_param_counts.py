@@ -144,3 +144,12 @@ def test_infinite_former_wt103():
     # Transformer-XL base's 151,107,538 plus per layer W_K, W_V, W_O, w_mu, w_sigma and the gate.
     n, formula = count("infinite_former_wt103", 267_735)
     assert n == formula == 167_268_082
+
+
+@pytest.mark.parametrize("name", ["sort_4k", "sort_8k", "sort_16k"])
+def test_sort_configs(name):
+    # The authors' sorting model: 3 layers of d 300 (6 x 50, feed-forward 300), LTM N = 512 with the gate.
+    assert count(name, 22) == (3_526_594, 3_526_594)
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.data.sort_length == {"sort_4k": 4000, "sort_8k": 8000, "sort_16k": 16000}[name]
+    assert cfg.train.document_reset and cfg.eval.split == "test"
