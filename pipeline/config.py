@@ -49,7 +49,8 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    kind: Literal["word", "char", "byte", "sentencepiece"] = "word"
+    kind: Literal["word", "char", "byte", "sentencepiece", "huggingface"] = "word"
+    path: str = ""                   # huggingface: a local directory with a saved tokenizer (tokenizer.json)
     vocab_size: int = 8000           # sentencepiece only
     # word/char vocabularies (reference semantics: frequency order, ties in first-occurrence order)
     lower_case: Optional[bool] = None  # None: the corpus's reference setting (ptb true, others false)

@@ -284,7 +284,7 @@ class Run:
             if scale is not None:
                 nll = (out.nll * weights).sum()
                 objective = nll * scale if out.aux_loss is None else nll * scale + out.aux_loss
-                value = float(nll.detach().float()) * scale     # its share, as a mean of n_micro × world
+                value = float(nll.detach().float())             # summed; the step divides by n_scored
             else:
                 value = float(out.loss.detach().float())
             if math.isfinite(float(objective.detach().float())):
@@ -306,8 +306,10 @@ class Run:
         self.step += 1
         if engine.global_steps != self.step:
             raise RuntimeError(f"DeepSpeed counted {engine.global_steps} steps, the loop {self.step}")
-        # Every micro-batch scores the same number of tokens (or, with scored targets, each adds its
-        # share of the step's token-weighted mean): the mean of the means is token-weighted.
+        # Every micro-batch scores the same number of tokens: the mean of the means is token-weighted.
+        # With scored targets the sums are NLL sums over n_scored targets (none: the loss is NaN).
+        if scale is not None:
+            n_good = n_scored
         loss = total / n_good if n_good else float("nan")
         self.window["loss"] += total
         self.window["count"] += n_good

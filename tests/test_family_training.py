@@ -163,7 +163,7 @@ def test_scored_targets_make_the_update_a_token_weighted_mean_whatever_the_layou
     accum = sort_runs.run("sort-1x2", [*args, "train.micro_batches=2"], world=1, record=False)
     ranks = sort_runs.run("sort-2x1", args, world=2, record=False)
     for other in (accum, ranks):
-        assert other[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
+        assert other[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5, nan_ok=True)
         assert_same_weights(weights(sort_runs.ckpt("sort-1x2" if other is accum else "sort-2x1", 6)),
                             weights(sort_runs.ckpt("sort-1x1", 6)), atol=1e-5)
     valid = one[0]["valid"]

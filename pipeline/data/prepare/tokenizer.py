@@ -4,6 +4,7 @@ sentencepiece) and the stamp that lets a re-run or a waiting job-array task reus
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from pipeline.data.tokenizers import (
     save_tokenizer,
     train_sentencepiece,
 )
+from pipeline.data.tokenizers.huggingface import HFTokenizer
 from pipeline.data.tokenizers.word_vocab import CountMerger, WordVocab, read_vocab_file, vocab_from_counts
 
 log = logging.getLogger("xlpipe.prepare")
@@ -56,6 +58,8 @@ class TokenizerSpec:
     unk: Optional[str] = None
     vocab_file: Optional[str] = None
     symbols: tuple[str, ...] = ()
+    path: str = ""                         # huggingface: the directory it is read from
+    file_sha256: tuple[str, ...] = ()      # huggingface: "name:sha256" of its files
     vocab_size: int = 0
     model_type: str = ""
     sample_bytes: int = 0
@@ -65,13 +69,21 @@ class TokenizerSpec:
         """As recorded in fingerprints and the manifest (``symbols`` only when set, so the specs of
         every other corpus keep the fingerprints they had before it existed)."""
         out = dataclasses.asdict(self)
-        if not out["symbols"]:
-            out.pop("symbols")
+        for later in ("symbols", "path", "file_sha256"):     # fields newer than most manifests
+            if not out[later]:
+                out.pop(later)
         return out
 
 
 def resolve_tokenizer(tcfg: TokenizerConfig, corpus: Corpus) -> TokenizerSpec:
     d = corpus.tokenizer_defaults()
+    if tcfg.kind == "huggingface" and "sentencepiece" in d.kinds:   # a pretrained subword tokenizer fits too
+        if not tcfg.path:
+            raise PrepareError("tokenizer.kind=huggingface needs tokenizer.path: a local directory holding a "
+                               "tokenizer saved by transformers/tokenizers (tokenizer.json)")
+        files = sorted(HFTokenizer.from_dir(tcfg.path).files_bytes.items())
+        return TokenizerSpec("huggingface", path=str(Path(tcfg.path).expanduser().resolve()),
+                             file_sha256=tuple(f"{n}:{hashlib.sha256(b).hexdigest()}" for n, b in files))
     if tcfg.kind not in d.kinds:
         raise PrepareError(f"tokenizer.kind={tcfg.kind!r} does not fit data.corpus={corpus.name!r}; "
                            f"use one of {list(d.kinds)}")
@@ -93,7 +105,9 @@ def resolve_tokenizer(tcfg: TokenizerConfig, corpus: Corpus) -> TokenizerSpec:
 
 
 def tokenizer_fingerprint(corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Unit]]) -> str:
-    if spec.kind == "sentencepiece":
+    if spec.kind == "huggingface":
+        inputs = []                  # the spec holds the files' sha256
+    elif spec.kind == "sentencepiece":
         inputs = [corpus.identity(u) for u in plan["train"]]
     elif spec.vocab_file:
         st = os.stat(spec.vocab_file)
@@ -108,6 +122,8 @@ def build_tokenizer(corpus: Corpus, spec: TokenizerSpec, plan: dict[str, list[Un
                     progress: Optional[bool] = None) -> Tokenizer:
     if spec.kind == "byte":
         return ByteTokenizer()
+    if spec.kind == "huggingface":
+        return HFTokenizer.from_dir(spec.path)
     if spec.kind == "sentencepiece":
         return SentencePieceTokenizer(train_sentencepiece(
             _sample_lines(corpus, plan["train"], spec.sample_bytes), spec.vocab_size, spec.model_type,

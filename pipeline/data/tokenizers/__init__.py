@@ -221,6 +221,10 @@ def tokenizer_from_json(obj: dict, directory: Path, threads: int = 0) -> Tokeniz
         tok = CharVocab(obj["symbols"], obj["unk"])
     elif kind == "byte":
         tok = ByteTokenizer()
+    elif kind == "huggingface":
+        from pipeline.data.tokenizers.huggingface import hf_from_json
+
+        tok = hf_from_json(obj, directory)
     elif kind == "sentencepiece":
         path = directory / obj["model"]
         if not path.is_file():
