@@ -2,19 +2,21 @@
 what Transformer-XL's window loses, and lose less accuracy as the sequence grows?
 
 Both models are the same small Transformer-XL (2 layers, d 64, 4 heads of 16, feed-forward 128,
-segment and short-term memory 128, weights initialised N(0, 0.1)), the ∞-former adding its
-long-term memory (64 Gaussians, one segment written per update). Receptive field of the
-short-term memory: n_layer x mem_len + segment = 384 tokens. Sequence lengths 512, 1024 and 4096: from about the receptive field to 10x it. Each
-model trains on the same shards for the same number of steps (8 sequences' segments per step,
-Adam 1e-3 with a cosine schedule, clip 0.25, one document per sequence), through the real
-pipeline (prepare, train, evaluate), seeded; test accuracy over the 20 answers (teacher forced).
+segment and short-term memory 128, weights initialised N(0, 0.1)), the ∞-former adding its long-
+term memory (64 Gaussians, one segment written per update). Receptive field of the short-term
+memory: n_layer x mem_len + segment = 384 tokens. Sequence lengths 512, 1024 and 4096: from about
+the receptive field to 10x it. Each model trains on the same shards for the same number of steps
+(8 sequences' segments per step, Adam 1e-3 with a cosine schedule, clip 0.25, one document per
+sequence), through the real pipeline (prepare, train, evaluate), seeded; test accuracy over the 20
+answers (teacher forced).
 
 Beside them, what the task allows (computed from the generator, teacher forced: at answer k the
-best symbol by count not among the true answers before it): counting the whole sequence (about
-the best any model can do), counting only the last W = 384 tokens (a model bound to its window),
-and guessing among the symbols not yet given (the floor).
+best symbol by count not among the true answers before it): counting the whole sequence (about the
+best any model can do), counting only the last W = 384 tokens (a model bound to its window), and
+guessing among the symbols not yet given (the floor).
 
     .venv/bin/python benchmarks/bench_sort.py      # about 15 minutes on 2 cores; benchmarks/results/sort.json
+
 """
 from __future__ import annotations
 
