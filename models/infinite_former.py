@@ -122,7 +122,81 @@ class LongTermAttention(nn.Module):
         return self.out(z), mu, var
 
 
-class InfiniteFormer(TransformerXL):
+class LongTermMemory:
+    """The long-term memory's fit, shared by the families that have one (the ∞-former, GPT-2 with
+    long-term memory): needs ``ltm`` (one LongTermAttention per memory layer), ``basis``,
+    ``ltm_cfg`` (an InfiniteFormerConfig), ``chunk`` and ``_ridge`` (a dict)."""
+
+    def ridge_matrices(self, device) -> tuple[Tensor, Tensor]:
+        """(G for a first write ``[chunk, N]``, G for an update ``[M + chunk, N]``), float64,
+        computed once per device from the positions (never a module buffer: ``.to(bf16)`` would
+        round it)."""
+        key = str(device)
+        if key not in self._ridge:
+            c = self.ltm_cfg
+            first = ridge_matrix(self.basis, first_positions(self.chunk), c.ridge)
+            update = ridge_matrix(self.basis, update_positions(c.n_samples, self.chunk, c.tau), c.ridge)
+            self._ridge[key] = (first.to(device), update.to(device))
+        return self._ridge[key]
+
+    def _write(self, x: Tensor, coef: Optional[Tensor], hist: Optional[Tensor], writes: Optional[Tensor],
+               clean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Fit one chunk ``x [B, n_layer, chunk, d]`` into the LTM; returns (coef, writes).
+        The fit runs in float32 (float64 G cast once), whatever the model's dtype. ``clean [B]``
+        (document boundaries): False where the chunk holds a token of an earlier document; that
+        row's LTM is emptied instead, and its next clean chunk is a first write."""
+        coef, writes = self._fit(x, coef, hist, writes)
+        if clean is not None:
+            coef = torch.where(clean.view(-1, 1, 1, 1), coef, torch.zeros_like(coef))
+            writes = torch.where(clean, writes, torch.zeros_like(writes))
+        return coef, writes
+
+    def _fit(self, x: Tensor, coef: Optional[Tensor], hist: Optional[Tensor],
+             writes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        batch = x.size(0)
+        g_first, g_update = (g.float() for g in self.ridge_matrices(x.device))
+        gated = torch.stack([self.ltm[i].gated(x[:, i]) for i in range(len(self.ltm))], dim=1).float()
+        fresh = torch.einsum("pn,blpd->blnd", g_first, gated)
+        if coef is None:
+            writes = torch.zeros(batch, dtype=torch.long, device=x.device) if writes is None else writes
+            return fresh.to(x.dtype), writes + 1
+        c = self.ltm_cfg
+        if c.sticky and hist is not None:
+            s = sample_positions(hist, c.n_samples)                                 # [B, L, M]
+        else:
+            s = sample_positions(torch.ones(1, 1, 1, device=x.device), c.n_samples).expand(batch, len(self.ltm), -1)
+        psi = self.basis.evaluate(s).float()                                         # [B, L, M, N]
+        old = torch.matmul(psi, coef.float())                                        # [B, L, M, d]
+        updated = torch.einsum("pn,blpd->blnd", g_update, torch.cat([old, gated], dim=2))
+        first = (writes == 0).view(batch, 1, 1, 1)
+        return torch.where(first, fresh, updated).to(x.dtype), writes + 1
+
+
+    def _kl(self, reads: list, readers: Tensor) -> Tensor:
+        """kl_weight × Σ_layers mean KL(𝒩(μ, σ²) ‖ 𝒩(μ0, σ0²)) over the queries that read a written
+        LTM (``readers``: 1/0 as ``[B, 1, 1]`` per row or ``[B, 1, q]`` per query)."""
+        c = self.ltm_cfg
+        s0 = c.kl_sigma0 ** 2
+        total = 0.0
+        for mu, var in reads:
+            ratio = var.float() / s0
+            kl = 0.5 * (ratio - torch.log(ratio) - 1)
+            if c.kl_mu0 is not None:
+                kl = kl + 0.5 * (mu.float() - c.kl_mu0) ** 2 / s0
+            weight = readers.expand(kl.size(0), 1, kl.size(2))
+            total = total + (kl * weight).sum() / (weight.sum() * kl.size(1)).clamp(min=1)
+        return c.kl_weight * total
+
+    def _histograms(self, reads: list, dtype: torch.dtype) -> Optional[Tensor]:
+        """Sticky memories: each memory layer's LTM attention density ``[B, L, D]`` of this forward."""
+        if not (self.ltm_cfg.sticky and reads):
+            return None
+        with torch.no_grad():
+            return torch.stack([attention_histogram(mu.flatten(1), var.flatten(1), self.ltm_cfg.n_bins)
+                                for mu, var in reads], dim=1).to(dtype)
+
+
+class InfiniteFormer(LongTermMemory, TransformerXL):
     family = "infinite_former"
 
     @classmethod
@@ -153,51 +227,6 @@ class InfiniteFormer(TransformerXL):
         self.ltm = nn.ModuleList(LongTermAttention(cfg.d_model, cfg.n_head, cfg.d_head, c.n_basis, c.gate)
                                  for _ in range(cfg.n_layer))
         self._ridge: dict = {}       # float64 G matrices by device, see ridge_matrices
-
-    # -- the fit --------------------------------------------------------------------------
-    def ridge_matrices(self, device) -> tuple[Tensor, Tensor]:
-        """(G for a first write ``[chunk, N]``, G for an update ``[M + chunk, N]``), float64,
-        computed once per device from the positions (never a module buffer: ``.to(bf16)`` would
-        round it)."""
-        key = str(device)
-        if key not in self._ridge:
-            c = self.ltm_cfg
-            first = ridge_matrix(self.basis, first_positions(self.chunk), c.ridge)
-            update = ridge_matrix(self.basis, update_positions(c.n_samples, self.chunk, c.tau), c.ridge)
-            self._ridge[key] = (first.to(device), update.to(device))
-        return self._ridge[key]
-
-    def _write(self, x: Tensor, coef: Optional[Tensor], hist: Optional[Tensor], writes: Optional[Tensor],
-               clean: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """Fit one chunk ``x [B, n_layer, chunk, d]`` into the LTM; returns (coef, writes).
-        The fit runs in float32 (float64 G cast once), whatever the model's dtype. ``clean [B]``
-        (document boundaries): False where the chunk holds a token of an earlier document; that
-        row's LTM is emptied instead, and its next clean chunk is a first write."""
-        coef, writes = self._fit(x, coef, hist, writes)
-        if clean is not None:
-            coef = torch.where(clean.view(-1, 1, 1, 1), coef, torch.zeros_like(coef))
-            writes = torch.where(clean, writes, torch.zeros_like(writes))
-        return coef, writes
-
-    def _fit(self, x: Tensor, coef: Optional[Tensor], hist: Optional[Tensor],
-             writes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        batch = x.size(0)
-        g_first, g_update = (g.float() for g in self.ridge_matrices(x.device))
-        gated = torch.stack([self.ltm[i].gated(x[:, i]) for i in range(self.n_layer)], dim=1).float()
-        fresh = torch.einsum("pn,blpd->blnd", g_first, gated)
-        if coef is None:
-            writes = torch.zeros(batch, dtype=torch.long, device=x.device) if writes is None else writes
-            return fresh.to(x.dtype), writes + 1
-        c = self.ltm_cfg
-        if c.sticky and hist is not None:
-            s = sample_positions(hist, c.n_samples)                                 # [B, L, M]
-        else:
-            s = sample_positions(torch.ones(1, 1, 1, device=x.device), c.n_samples).expand(batch, self.n_layer, -1)
-        psi = self.basis.evaluate(s).float()                                         # [B, L, M, N]
-        old = torch.matmul(psi, coef.float())                                        # [B, L, M, d]
-        updated = torch.einsum("pn,blpd->blnd", g_update, torch.cat([old, gated], dim=2))
-        first = (writes == 0).view(batch, 1, 1, 1)
-        return torch.where(first, fresh, updated).to(x.dtype), writes + 1
 
     # -- memory ---------------------------------------------------------------------------
     def init_memory(self, batch_size: int, device=None) -> InfiniteMemory:
@@ -283,27 +312,8 @@ class InfiniteFormer(TransformerXL):
             over = max(0, full.size(2) - self.mem_len)
             n_out = (over // self.chunk) * self.chunk
             pending, keep = full[:, :, :n_out], full[:, :, n_out:]
-        hist = None
-        if self.ltm_cfg.sticky and reads:
-            with torch.no_grad():
-                hist = torch.stack([attention_histogram(mu.flatten(1), var.flatten(1), self.ltm_cfg.n_bins)
-                                    for mu, var in reads], dim=1).to(full.dtype)     # [B, L, D]
+        hist = self._histograms(reads, full.dtype)
         empty = full.new_zeros(full.size(0), self.n_layer, 0, self.d_model)
         return InfiniteMemory(hidden=keep.contiguous(), pending=pending.contiguous(),
                               coef=empty if coef is None else coef.detach().contiguous(),
                               hist=hist, writes=writes)
-
-    def _kl(self, reads: list, readers: Tensor) -> Tensor:
-        """kl_weight × Σ_layers mean KL(𝒩(μ, σ²) ‖ 𝒩(μ0, σ0²)) over the queries that read a written
-        LTM (``readers``: 1/0 as ``[B, 1, 1]`` per row or ``[B, 1, q]`` per query)."""
-        c = self.ltm_cfg
-        s0 = c.kl_sigma0 ** 2
-        total = 0.0
-        for mu, var in reads:
-            ratio = var.float() / s0
-            kl = 0.5 * (ratio - torch.log(ratio) - 1)
-            if c.kl_mu0 is not None:
-                kl = kl + 0.5 * (mu.float() - c.kl_mu0) ** 2 / s0
-            weight = readers.expand(kl.size(0), 1, kl.size(2))
-            total = total + (kl * weight).sum() / (weight.sum() * kl.size(1)).clamp(min=1)
-        return c.kl_weight * total
