@@ -12,6 +12,8 @@ query may see:
   whose whole group of c tokens is the document's);
 - ``key_floor``: the oldest key each query may see, over keys ``[memory rows; segment]``;
 - ``floor_mask``: the shared causal mask plus -inf below each query's floor, ``[B, q, k]``.
+- ``window_visibility``: for a window of recomputed memory tokens (Al-Rfou, GPT-2), what each
+  position sees and its position counted from its document's first token in the window.
 
 The memory itself is not cleared (rows keep their shapes, no host sync): what belongs to an
 earlier document is masked, and ``next_doc_len`` says how much of the new memory is the current
@@ -63,3 +65,20 @@ def next_doc_len(last: Tensor, doc_len: Tensor) -> Tensor:
     q = last.size(1)
     end = last[:, -1]
     return torch.where(end >= 0, q - end, (doc_len + q).clamp(max=UNBOUNDED))
+
+
+def window_visibility(docs: tuple[Tensor, Tensor], m: int) -> tuple[Tensor, Tensor]:
+    """``([B, 1, W, W] visible, [B, W] positions)`` over the window of ``m`` memory tokens and
+    the input: causal, no position sees a token of an earlier document than its own, and each
+    token's position counts from the first token of its document in the window, so a document
+    is seen exactly as in a window of its own. Memory tokens are recomputed, so the document's
+    own memory tokens get the same floor as the input."""
+    last, n = docs
+    device = last.device
+    first = (m - n.clamp(max=m)).unsqueeze(1)                                    # [B, 1]
+    w = torch.arange(m, device=device).unsqueeze(0)
+    mem_floor = torch.where(w >= first, first, torch.zeros_like(w))              # older documents: causal only
+    floor = torch.cat([mem_floor.expand(last.size(0), m), key_floor(last, n, m)], dim=1)
+    pos = torch.arange(floor.size(1), device=device)
+    attend = (pos.view(1, 1, -1) <= pos.view(1, -1, 1)) & (pos.view(1, 1, -1) >= floor.unsqueeze(-1))
+    return attend.unsqueeze(1), pos.unsqueeze(0) - floor

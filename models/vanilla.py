@@ -285,7 +285,7 @@ class VanillaTransformer(LanguageModel):
         docs = self._documents(doc_start, memory, b, k, input_ids.device)
         attend = positions = None
         if docs is not None:
-            attend, positions = self._window_mask(docs, m)
+            attend, positions = documents.window_visibility(docs, m)
 
         train_aux = self.training and targets is not None and (self.vcfg.intermediate or self.vcfg.next_next)
         active = set(self.active_intermediate_layers()) if train_aux else set()
@@ -341,23 +341,6 @@ class VanillaTransformer(LanguageModel):
         elif tuple(doc_start.shape) != (batch, k):
             raise ValueError(f"doc_start has shape {tuple(doc_start.shape)}, expected ({batch}, {k}) like input_ids")
         return documents.last_start(doc_start.to(device)), documents.current_len(prior, batch, device)
-
-    @staticmethod
-    def _window_mask(docs: tuple[Tensor, Tensor], m: int) -> tuple[Tensor, Tensor]:
-        """``([B, 1, W, W] visible, [B, W] positions)`` over the window of ``m`` memory tokens and
-        the input: causal, no position sees a token of an earlier document than its own, and each
-        token's position counts from the first token of its document in the window, so a document
-        is seen exactly as in a window of its own. Memory tokens are recomputed, so the document's
-        own memory tokens get the same floor as the input."""
-        last, n = docs
-        device = last.device
-        first = (m - n.clamp(max=m)).unsqueeze(1)                                    # [B, 1]
-        w = torch.arange(m, device=device).unsqueeze(0)
-        mem_floor = torch.where(w >= first, first, torch.zeros_like(w))              # older documents: causal only
-        floor = torch.cat([mem_floor.expand(last.size(0), m), documents.key_floor(last, n, m)], dim=1)
-        pos = torch.arange(floor.size(1), device=device)
-        attend = (pos.view(1, 1, -1) <= pos.view(1, -1, 1)) & (pos.view(1, 1, -1) >= floor.unsqueeze(-1))
-        return attend.unsqueeze(1), pos.unsqueeze(0) - floor
 
     def _ce(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Per-position next-token CE ``[b, k]``, or ``[b, 1]`` for the last position only."""
