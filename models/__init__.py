@@ -16,6 +16,7 @@ REGISTRY = {
     "vanilla": "models.vanilla:VanillaTransformer",
     "compressive": "models.compressive:CompressiveTransformer",
     "infinite_former": "models.infinite_former:InfiniteFormer",
+    "gpt2_ltm": "models.gpt2_ltm:GPT2LTM",            # needs the optional extra xlpipe[hf]
 }
 
 

@@ -183,6 +183,11 @@ class LanguageModel(nn.Module):
         yield None
 
     # -- export ----------------------------------------------------------------------------
+    def export_config(self, section: dict) -> dict:
+        """The ``model`` config section an export stores to rebuild this model with no other file
+        (a family built from pretrained weights elsewhere says how to build its shape alone)."""
+        return section
+
     def inference_state_dict(self) -> dict[str, Tensor]:
         """The weights inference needs: everything but the ``training_only`` parts."""
         return {k: v for k, v in self.state_dict().items() if not self._training_only(k)}

@@ -9,13 +9,14 @@ from dataclasses import field
 from typing import List, Literal, Optional
 
 from models.compressive import CompressiveConfig
+from models.gpt2_ltm import GPT2LTMConfig
 from models.infinite_former import InfiniteFormerConfig
 from models.vanilla import VanillaConfig
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    family: Literal["transformer_xl", "vanilla", "compressive", "infinite_former"] = "transformer_xl"
+    family: Literal["transformer_xl", "vanilla", "compressive", "infinite_former", "gpt2_ltm"] = "transformer_xl"
     n_token: int = 0                 # 0: taken from the shard manifest at build time
     n_layer: int = 4
     d_model: int = 128
@@ -53,4 +54,5 @@ class ModelConfig:
     vanilla: VanillaConfig = field(default_factory=VanillaConfig)
     compressive: CompressiveConfig = field(default_factory=CompressiveConfig)
     infinite_former: InfiniteFormerConfig = field(default_factory=InfiniteFormerConfig)
+    gpt2_ltm: GPT2LTMConfig = field(default_factory=GPT2LTMConfig)
     dtype: Optional[str] = None      # reserved: parameter dtype override for export/inference

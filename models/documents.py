@@ -45,6 +45,19 @@ def current_len(doc_len: Optional[Tensor], batch: int, device) -> Tensor:
     return doc_len.to(device=device, dtype=torch.long)
 
 
+def track(doc_start: Optional[Tensor], prior: Optional[Tensor], batch: int, q: int,
+          device) -> Optional[tuple[Tensor, Tensor]]:
+    """``(last_start [B, q], doc_len [B])`` when documents are tracked (a ``doc_start`` given now or a
+    ``doc_len`` in memory, ``prior``), else None."""
+    if doc_start is None and prior is None:
+        return None
+    if doc_start is None:
+        doc_start = torch.zeros(batch, q, dtype=torch.bool, device=device)
+    elif tuple(doc_start.shape) != (batch, q):
+        raise ValueError(f"doc_start has shape {tuple(doc_start.shape)}, expected ({batch}, {q}) like input_ids")
+    return last_start(doc_start.to(device)), current_len(prior, batch, device)
+
+
 def key_floor(last: Tensor, visible: Tensor, mlen: int) -> Tensor:
     """``[B, q]``: keys ``j < floor`` (over ``[mlen memory rows; segment]``) are another document's.
     A query after a start sees from that start on; before it, the ``visible`` newest memory rows."""

@@ -357,16 +357,10 @@ class TransformerXL(LanguageModel):
         """``(last_start [B, q], doc_len [B])`` when documents are tracked (a ``doc_start`` given now
         or a ``doc_len`` in memory), else None (models/documents.py)."""
         prior = None if memory is None else memory.doc_len
-        if doc_start is None and prior is None:
-            return None
-        if self.ext_len:
+        if (doc_start is not None or prior is not None) and self.ext_len:
             raise ValueError(f"document starts need ext_len=0 (model.ext_len={self.ext_len}): the extended "
                              f"context is re-fed as input, so memory would count it twice")
-        if doc_start is None:
-            doc_start = torch.zeros(batch, qlen, dtype=torch.bool, device=device)
-        elif tuple(doc_start.shape) != (batch, qlen):
-            raise ValueError(f"doc_start has shape {tuple(doc_start.shape)}, expected ({batch}, {qlen}) like input_ids")
-        return documents.last_start(doc_start.to(device)), documents.current_len(prior, batch, device)
+        return documents.track(doc_start, prior, batch, qlen, device)
 
     @staticmethod
     def _with_doc_len(memory: Memory, docs: Optional[tuple[Tensor, Tensor]]) -> Memory:

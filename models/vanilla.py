@@ -282,7 +282,7 @@ class VanillaTransformer(LanguageModel):
         ctx = self._context(memory, b, k, input_ids.device)
         window = torch.cat([ctx, input_ids], dim=1)
         m = ctx.shape[1]
-        docs = self._documents(doc_start, memory, b, k, input_ids.device)
+        docs = documents.track(doc_start, None if memory is None else memory.doc_len, b, k, input_ids.device)
         attend = positions = None
         if docs is not None:
             attend, positions = documents.window_visibility(docs, m)
@@ -329,18 +329,6 @@ class VanillaTransformer(LanguageModel):
             aux_loss=aux_loss,
             logprobs=F.log_softmax(logits, dim=-1) if return_logprobs else None,
         )
-
-    def _documents(self, doc_start: Optional[Tensor], memory: Optional[Memory], batch: int, k: int,
-                   device) -> Optional[tuple[Tensor, Tensor]]:
-        """``(last_start [B, k], doc_len [B])`` when documents are tracked, else None."""
-        prior = None if memory is None else memory.doc_len
-        if doc_start is None and prior is None:
-            return None
-        if doc_start is None:
-            doc_start = torch.zeros(batch, k, dtype=torch.bool, device=device)
-        elif tuple(doc_start.shape) != (batch, k):
-            raise ValueError(f"doc_start has shape {tuple(doc_start.shape)}, expected ({batch}, {k}) like input_ids")
-        return documents.last_start(doc_start.to(device)), documents.current_len(prior, batch, device)
 
     def _ce(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Per-position next-token CE ``[b, k]``, or ``[b, 1]`` for the last position only."""

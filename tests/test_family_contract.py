@@ -20,6 +20,7 @@ from models import REGISTRY, LanguageModel, Memory, ModelConfig, build_model
 from models.base import LENGTHS
 from models.compressive import CompressiveConfig
 from models.documents import UNBOUNDED
+from models.gpt2_ltm import GPT2LTMConfig
 from models.infinite_former import InfiniteFormerConfig
 
 V = 37
@@ -40,6 +41,19 @@ def compressive_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.T
 def infinite_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
     """Short-term attention and the long-term memory's fits and reads rebuilt from the paper (naive_infinite)."""
     return naive_infinite(model, tokens, model.cfg.tgt_len)
+
+
+def gpt2_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
+    """HF's own GPT2LMHeadModel over each segment's window (the mem_len tokens before it, then the
+    segment), scored on the segment: the wrapper's short-term memory computed by transformers."""
+    seg, mem = model.cfg.tgt_len, model.cfg.mem_len
+    cols = []
+    for i in range(0, tokens.size(1) - 1, seg):
+        lo = max(0, i - mem)
+        window = tokens[:, lo: min(i + seg, tokens.size(1) - 1)]
+        logp = model.hf(window).logits.float().log_softmax(-1)[:, i - lo:]
+        cols.append(-logp.gather(-1, tokens[:, i + 1: i + 1 + logp.size(1), None]).squeeze(-1))
+    return torch.cat(cols, dim=1)
 
 
 def window_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -86,6 +100,11 @@ SPECS = {
                                                                              n_samples=6)),
                             segment=4, n_segments=5, reference=infinite_reference,
                             eval_lengths={"tgt_len": 2, "mem_len": 7, "clamp_len": 3, "same_length": True}),
+    # GPT-2 over a window of the previous segment, without the long-term memory (its own tests are in
+    # tests/test_gpt2_ltm.py): the reference is transformers' GPT2LMHeadModel on each window.
+    "gpt2_ltm": Spec(ModelConfig(family="gpt2_ltm", **SMALL, tgt_len=4, mem_len=4, init_std=0.3,
+                                 gpt2_ltm=GPT2LTMConfig(long_term=False)),
+                     segment=4, n_segments=5, reference=gpt2_reference, eval_lengths={"tgt_len": 2, "mem_len": 3}),
 }
 
 

@@ -169,3 +169,29 @@ def test_scored_targets_make_the_update_a_token_weighted_mean_whatever_the_layou
     valid = one[0]["valid"]
     assert 0.0 <= valid["accuracy"] <= 1.0 and math.isfinite(valid["loss"])
     assert valid["tokens"] <= 8 * 20                  # only the answers are scored
+
+
+GPT2 = ["model.family=gpt2_ltm", "model.gpt2_ltm.memory.n_basis=16", "model.gpt2_ltm.memory.widths=[0.05,0.2]",
+        "model.gpt2_ltm.memory.n_samples=8", "model.gpt2_ltm.memory.n_bins=16"]
+
+
+def test_gpt2_with_long_term_memory_trains_under_zero_and_resumes_bitwise(runs):
+    """A tiny random GPT-2 with the long-term memory in both layers through the trainer: ZeRO 0 and
+    2 agree, a resume is bitwise, and the GPT-2 and memory weights both move."""
+    pytest.importorskip("transformers")
+    args = [*GPT2, "train.clip=0", "train.document_reset=true"]
+    ref = runs.run("gpt2-0", [*args, "train.zero_stage=0"], record=False)
+    two = runs.run("gpt2-2", [*args, "train.zero_stage=2"], record=False)
+    losses = two[0]["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses == ref[0]["losses"] and losses[-1] < losses[0]
+    again = runs.run("gpt2-2-resumed", [*args, "train.zero_stage=2"], record=False, seed_from=("gpt2-2", 3))
+    assert again[0]["losses"] == losses[3:]
+    end = weights(runs.ckpt("gpt2-2", 6))
+    assert_same_weights(weights(runs.ckpt("gpt2-2-resumed", 6)), end)
+    start = weights(runs.ckpt("gpt2-2", 3))
+    for prefix in ("hf.transformer.h.0.attn.c_attn.", "ltm.0.key."):
+        assert any(not torch.equal(start[k], end[k]) for k in end if k.startswith(prefix)), prefix
+    fields = torch.load(runs.ckpt("gpt2-2", 3) / "xlpipe" / "rank0.pt", weights_only=True)["memory"]["fields"]
+    assert {k: tuple(v.shape) for k, v in fields.items()} == {
+        "tokens": (2, 8), "pending": (2, 2, 8, 32), "coef": (2, 2, 16, 32), "hist": (2, 2, 16), "writes": (2,),
+        "doc_len": (2,)}

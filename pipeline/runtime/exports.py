@@ -207,6 +207,7 @@ def save_export(model: torch.nn.Module, config: dict, tokenizer, out: str | Path
     tmp.mkdir()
     try:
         save_file(unique, str(tmp / WEIGHTS), metadata={"format": FORMAT, "tied": json.dumps(tied)})
+        config = {**config, "model": model.export_config(dict(config["model"]))}
         atomic_write_bytes(tmp / CONFIG, OmegaConf.to_yaml(OmegaConf.create(config)).encode())
         for f in tokenizer.files():
             shutil.copyfile(f, tmp / f.name)
