@@ -121,3 +121,29 @@ def test_training_reaches_gpt2_and_the_long_term_memory():
     assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0          # the KL toward N(mu0, sigma0^2)
     assert model.hf.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.ltm[0].parameters())
+
+
+def test_an_export_needs_no_pretrained_directory(tmp_path):
+    """Built from a pretrained directory, exported, the directory deleted: the export rebuilds GPT-2
+    from the GPT2Config it stores and gives the same log-probabilities, memory carried."""
+    import shutil
+
+    from pipeline.config import load_config, to_dict
+    from pipeline.data.tokenizers import ByteTokenizer, save_tokenizer
+    from pipeline.export import load_export
+    from pipeline.runtime.exports import save_export
+
+    make(long_term=False, seed=3).hf.save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    model = make(pretrained=str(tmp_path / "gpt2"))
+    tok = ByteTokenizer()
+    save_tokenizer(tok, tmp_path / "tok")
+    cfg = load_config(None, [])
+    cfg.model = model.cfg
+    save_export(model, to_dict(cfg), tok, tmp_path / "export",
+                {"step": 1, "tag": "global_step1", "mlflow_run_id": None, "manifest_sha256": "x"})
+    shutil.rmtree(tmp_path / "gpt2")
+    loaded, _, meta = load_export(tmp_path / "export")
+    assert meta.family == "gpt2_ltm" and loaded.cfg.gpt2_ltm.pretrained == ""
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(stream(loaded, x)[0], stream(model, x)[0], rtol=0, atol=0)

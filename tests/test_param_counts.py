@@ -153,3 +153,19 @@ def test_sort_configs(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.data.sort_length == {"sort_4k": 4000, "sort_8k": 8000, "sort_16k": 16000}[name]
     assert cfg.train.document_reset and cfg.eval.split == "test"
+
+
+@pytest.mark.parametrize("name,expected", [("gpt2_ltm_wt103", 166_928_640), ("gpt2_wt103", 124_439_808),
+                                           ("gpt2_ltm_pg19", 166_928_640), ("gpt2_pg19", 124_439_808)])
+def test_gpt2_configs(name, expected):
+    """GPT-2 small (124,439,808 with the tied head) and, per layer, W_K, W_V, W_O, w_mu, w_sigma and
+    the gate: 6 x 768^2 + 2 x 512 + 768 = 3,540,736 (a random GPT-2 of the same shape)."""
+    pytest.importorskip("transformers")
+    cfg = load_config(CONFIGS / f"{name}.yaml", ["model.n_token=50257", "model.gpt2_ltm.pretrained=''"]).model
+    with torch.device("meta"):
+        model = build_model(cfg)
+    d = 768
+    gpt2 = 50257 * d + 1024 * d + 12 * (2 * 2 * d + 3 * d * d + 3 * d + d * d + d + d * 4 * d + 4 * d
+                                        + 4 * d * d + d) + 2 * d
+    ltm = 12 * (6 * d * d + 2 * 512 + d) if cfg.gpt2_ltm.long_term else 0
+    assert sum(p.numel() for p in model.parameters()) == gpt2 + ltm == expected

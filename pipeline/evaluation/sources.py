@@ -104,7 +104,7 @@ def metrics(nll_sum: float, tokens: int, kind: str, split_tokens: int, text: Opt
         out["bpc"] = loss / math.log(2)
     else:
         out["ppl"] = math.exp(min(loss, 700.0))
-    if kind == "sentencepiece" and text:
+    if kind in ("sentencepiece", "huggingface") and text:
         # mean NLL per token × the split's tokens per word (byte, char) = NLL per word of the text
         per = {unit: loss * split_tokens / text[unit] for unit in ("words", "bytes", "chars") if text.get(unit)}
         if "words" in per:
