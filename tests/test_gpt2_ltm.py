@@ -147,3 +147,26 @@ def test_an_export_needs_no_pretrained_directory(tmp_path):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(stream(loaded, x)[0], stream(model, x)[0], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_generation_carries_both_memories():
+    """Greedy sampling through pipeline.generate equals feeding the prompt in blocks and then one
+    token at a time by hand, memory (window and long-term) carried throughout."""
+    from pipeline.generate import generate
+
+    model = make()
+    prompt = tokens(1, n=23, seed=5)[0].tolist()
+    got = generate(model, prompt, tokens=6, top_k=1)["ids"]
+    seg, lengths = model.generation_lengths()
+    memory, out = model.init_memory(1), None
+    with model.eval_lengths(**lengths):
+        for i in range(0, len(prompt), seg):
+            out = model(torch.tensor([prompt[i: i + seg]]), memory=memory, return_logprobs=True)
+            memory = out.memory
+        mine = []
+        for _ in range(6):
+            mine.append(int(out.logprobs[0, -1].argmax()))
+            out = model(torch.tensor([[mine[-1]]]), memory=memory, return_logprobs=True)
+            memory = out.memory
+    assert got == mine and int(memory.writes[0]) > 0

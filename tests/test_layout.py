@@ -97,3 +97,13 @@ def test_the_pipeline_asks_the_family_seam():
                     names.append(f"{name}:{node.lineno} {node.value!r}")
     assert not probes, f"model capabilities are asked through models.base.LanguageModel: {probes}"
     assert not names, f"pipeline code names a model family: {names}"
+
+
+def test_only_the_gpt2_family_and_the_pretrained_tokenizer_import_the_hf_extra():
+    """``transformers`` / ``tokenizers`` are the optional extra ``xlpipe[hf]``: everything else runs without it."""
+    users = {}
+    for name, path in {**PIPELINE, **MODELS}.items():
+        hf = sorted(d for d in imported(path, name) if d.split(".")[0] in ("transformers", "tokenizers"))
+        if hf:
+            users[name] = hf
+    assert users.keys() <= {"models.gpt2_ltm", "pipeline.data.tokenizers.huggingface"}, users
