@@ -24,7 +24,7 @@ from models import documents
 from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models.diagnostics import AttentionMass
 from models.memory import Memory
-from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, tie_adaptive
 from models.modules.attention import (
     AbsoluteAttention,
     RelLearnableAttention,
@@ -148,14 +148,7 @@ class TransformerXL(LanguageModel):
 
     # -- construction ---------------------------------------------------------------------
     def _tie(self, cfg: ModelConfig) -> None:
-        if cfg.tie_weight:
-            for out, emb in zip(self.crit.out_layers, self.word_emb.emb_layers):
-                out.weight = emb.weight
-        emb_projs, out_projs = self.word_emb.emb_projs, self.crit.out_projs
-        for i, tie in enumerate(cfg.tie_projs):
-            if tie and len(out_projs):
-                # div_val 1 has one embedding projection for all clusters.
-                out_projs[i] = emb_projs[0] if cfg.div_val == 1 else emb_projs[i]
+        tie_adaptive(self.word_emb, self.crit, cfg.tie_weight, cfg.tie_projs, cfg.div_val)
 
     @torch.no_grad()
     def init_weights(self) -> None:

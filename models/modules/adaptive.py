@@ -255,3 +255,17 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             nll = None if target is None else -logprobs.gather(1, target.unsqueeze(1)).squeeze(1)
             return nll, logprobs
         return (None if target is None else self.nll(h, target)), None
+
+
+def tie_adaptive(word_emb: AdaptiveEmbedding, crit: ProjectedAdaptiveLogSoftmax, tie_weight: bool,
+                 tie_projs: List[bool], div_val: int) -> None:
+    """Share the output clusters' weights with the embedding tables (``tie_weight``) and, per cluster,
+    the output projections with the embedding projections (``tie_projs``)."""
+    if tie_weight:
+        for out, emb in zip(crit.out_layers, word_emb.emb_layers):
+            out.weight = emb.weight
+    emb_projs, out_projs = word_emb.emb_projs, crit.out_projs
+    for i, tie in enumerate(tie_projs):
+        if tie and len(out_projs):
+            # div_val 1 has one embedding projection for all clusters.
+            out_projs[i] = emb_projs[0] if div_val == 1 else emb_projs[i]
