@@ -17,6 +17,7 @@ REGISTRY = {
     "compressive": "models.compressive:CompressiveTransformer",
     "infinite_former": "models.infinite_former:InfiniteFormer",
     "gpt2_ltm": "models.gpt2_ltm:GPT2LTM",            # needs the optional extra xlpipe[hf]
+    "lstm": "models.lstm:LSTMLM",
 }
 
 

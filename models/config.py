@@ -11,12 +11,14 @@ from typing import List, Literal, Optional
 from models.compressive import CompressiveConfig
 from models.gpt2_ltm import GPT2LTMConfig
 from models.infinite_former import InfiniteFormerConfig
+from models.lstm import LSTMConfig
 from models.vanilla import VanillaConfig
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    family: Literal["transformer_xl", "vanilla", "compressive", "infinite_former", "gpt2_ltm"] = "transformer_xl"
+    family: Literal["transformer_xl", "vanilla", "compressive", "infinite_former", "gpt2_ltm",
+                    "lstm"] = "transformer_xl"
     n_token: int = 0                 # 0: taken from the shard manifest at build time
     n_layer: int = 4
     d_model: int = 128
@@ -55,4 +57,5 @@ class ModelConfig:
     compressive: CompressiveConfig = field(default_factory=CompressiveConfig)
     infinite_former: InfiniteFormerConfig = field(default_factory=InfiniteFormerConfig)
     gpt2_ltm: GPT2LTMConfig = field(default_factory=GPT2LTMConfig)
+    lstm: LSTMConfig = field(default_factory=LSTMConfig)
     dtype: Optional[str] = None      # reserved: parameter dtype override for export/inference

@@ -24,7 +24,7 @@ from models import documents
 from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models.diagnostics import AttentionMass
 from models.memory import Memory
-from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, tie_adaptive
+from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, score, tie_adaptive
 from models.modules.attention import (
     AbsoluteAttention,
     RelLearnableAttention,
@@ -415,17 +415,7 @@ class TransformerXL(LanguageModel):
 
     def _predict(self, h: Tensor, targets: Optional[Tensor], return_logprobs: bool, memory: Memory,
                  aux_loss: Optional[Tensor] = None) -> ModelOutput:
-        batch, qlen = h.shape[:2]
-        loss = nll = logprobs = None
-        if targets is not None or return_logprobs:
-            n_pred = qlen if targets is None else targets.size(1)
-            pred = h[:, qlen - n_pred:].reshape(-1, self.d_model)
-            flat_nll, flat_lp = self.crit(pred, None if targets is None else targets.reshape(-1), return_logprobs)
-            if flat_nll is not None:
-                nll = flat_nll.view(batch, n_pred)
-                loss = nll.mean()
-            if flat_lp is not None:
-                logprobs = flat_lp.view(batch, n_pred, self.n_token)
+        loss, nll, logprobs = score(self.crit, h, targets, return_logprobs, self.n_token)
         return ModelOutput(loss=loss, nll=nll, memory=memory, aux_loss=aux_loss, logprobs=logprobs)
 
 

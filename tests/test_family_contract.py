@@ -22,6 +22,7 @@ from models.compressive import CompressiveConfig
 from models.documents import UNBOUNDED
 from models.gpt2_ltm import GPT2LTMConfig
 from models.infinite_former import InfiniteFormerConfig
+from models.lstm import LSTMConfig
 
 V = 37
 SMALL = dict(n_token=V, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.1, dropatt=0.1)
@@ -54,6 +55,30 @@ def gpt2_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
         logp = model.hf(window).logits.float().log_softmax(-1)[:, i - lo:]
         cols.append(-logp.gather(-1, tokens[:, i + 1: i + 1 + logp.size(1), None]).squeeze(-1))
     return torch.cat(cols, dim=1)
+
+
+def lstm_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
+    """The LSTM equations step by step from the weights (i, f, g, o gates; c = f c + i g; h = o tanh c,
+    projected when proj_size is set), from a zero state over the whole sequence."""
+    x = model.word_emb(tokens[:, :-1])
+    rnn = model.rnn
+    for layer in range(rnn.num_layers):
+        w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
+        b = getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}")
+        w_hr = getattr(rnn, f"weight_hr_l{layer}", None)
+        h = x.new_zeros(x.size(0), w_hh.size(1))
+        c = x.new_zeros(x.size(0), rnn.hidden_size)
+        outs = []
+        for t in range(x.size(1)):
+            i, f, g, o = (x[:, t] @ w_ih.T + h @ w_hh.T + b).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            if w_hr is not None:
+                h = h @ w_hr.T
+            outs.append(h)
+        x = torch.stack(outs, dim=1)
+    nll, _ = model.crit(x.reshape(-1, x.size(-1)), tokens[:, 1:].reshape(-1))
+    return nll.view(tokens.size(0), -1)
 
 
 def window_reference(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -105,6 +130,12 @@ SPECS = {
     "gpt2_ltm": Spec(ModelConfig(family="gpt2_ltm", **SMALL, tgt_len=4, mem_len=4, init_std=0.3,
                                  gpt2_ltm=GPT2LTMConfig(long_term=False)),
                      segment=4, n_segments=5, reference=gpt2_reference, eval_lengths={"tgt_len": 2, "mem_len": 3}),
+    # Two layers with a projection and an adaptive softmax tied to the adaptive input; the reference
+    # runs the LSTM equations by hand over the whole sequence.
+    "lstm": Spec(ModelConfig(family="lstm", **{**SMALL, "d_embed": 8}, tgt_len=4, mem_len=1, cutoffs=[10, 20],
+                             init_std=0.5, proj_init_std=0.5,
+                             div_val=2, tie_projs=[False, True, True], lstm=LSTMConfig(proj_size=8)),
+                 segment=4, n_segments=5, reference=lstm_reference, eval_lengths={"tgt_len": 2, "mem_len": 0}),
 }
 
 
@@ -342,7 +373,7 @@ def test_a_document_streamed_after_another_equals_it_scored_alone(family):
     model.eval()
     toks = tokens(spec)
     aligned = 2 * spec.segment
-    cases = [aligned] + ([aligned + 1] if family in ("transformer_xl", "vanilla") else [])
+    cases = [aligned] + ([aligned + 1] if family in ("transformer_xl", "vanilla", "lstm") else [])
     for s in cases:
         doc = flags(toks, [[s]] * toks.size(0))
         streamed = stream_docs(model, spec, toks, doc)

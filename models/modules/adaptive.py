@@ -269,3 +269,21 @@ def tie_adaptive(word_emb: AdaptiveEmbedding, crit: ProjectedAdaptiveLogSoftmax,
         if tie and len(out_projs):
             # div_val 1 has one embedding projection for all clusters.
             out_projs[i] = emb_projs[0] if div_val == 1 else emb_projs[i]
+
+
+def score(crit: ProjectedAdaptiveLogSoftmax, h: Tensor, targets: Optional[Tensor], return_logprobs: bool,
+          n_token: int) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(loss, nll [B, T], logprobs [B, T, n_token])`` of hidden states ``h [B, q, d]`` whose last
+    T = targets' length positions predict ``targets`` (all q without targets); None where not asked."""
+    batch, qlen = h.shape[:2]
+    loss = nll = logprobs = None
+    if targets is not None or return_logprobs:
+        n_pred = qlen if targets is None else targets.size(1)
+        pred = h[:, qlen - n_pred:].reshape(-1, h.size(-1))
+        flat_nll, flat_lp = crit(pred, None if targets is None else targets.reshape(-1), return_logprobs)
+        if flat_nll is not None:
+            nll = flat_nll.view(batch, n_pred)
+            loss = nll.mean()
+        if flat_lp is not None:
+            logprobs = flat_lp.view(batch, n_pred, n_token)
+    return loss, nll, logprobs
