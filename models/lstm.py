@@ -47,6 +47,25 @@ class LSTMMemory(Memory):
     c: Optional[Tensor] = None
 
 
+class ResettingLSTM(nn.LSTM):
+    """nn.LSTM that zeroes a row's state where ``opens [B, q]`` marks a document start: it runs up to
+    each such position, zeroes those rows and goes on (exactly the document alone from an empty
+    state). All inside one forward of this module, so ZeRO-3 gathers its weights once whatever the
+    number of pieces (a call per piece would issue a rank-dependent number of collectives)."""
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], opens: Optional[Tensor] = None):
+        if opens is None or not bool(opens.any()):       # one host sync per segment with starts
+            return super().forward(x, state)
+        h, c = state
+        cuts = sorted(set(opens.any(0).nonzero().flatten().tolist()) | {0, x.size(1)})
+        pieces = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            keep = (~opens[:, a]).to(x.dtype).view(1, -1, 1)
+            y, (h, c) = super().forward(x[:, a:b], (h * keep, c * keep))
+            pieces.append(y)
+        return torch.cat(pieces, dim=1), (h, c)
+
+
 class LSTMLM(LanguageModel):
     family = "lstm"
     length_names = ("tgt_len", "mem_len")
@@ -69,8 +88,8 @@ class LSTMLM(LanguageModel):
         d_embed = cfg.d_embed or self.d_out
         self.word_emb = AdaptiveEmbedding(cfg.n_token, d_embed, d_embed, cfg.cutoffs, cfg.div_val)
         self.drop_in, self.drop_out = Dropout(cfg.dropout), Dropout(cfg.dropout)
-        self.rnn = nn.LSTM(d_embed, cfg.d_model, num_layers=cfg.n_layer, batch_first=True,
-                           dropout=cfg.dropout if cfg.n_layer > 1 else 0.0, proj_size=cfg.lstm.proj_size)
+        self.rnn = ResettingLSTM(d_embed, cfg.d_model, num_layers=cfg.n_layer, batch_first=True,
+                                 dropout=cfg.dropout if cfg.n_layer > 1 else 0.0, proj_size=cfg.lstm.proj_size)
         self.crit = ProjectedAdaptiveLogSoftmax(cfg.n_token, d_embed, self.d_out, cfg.cutoffs, cfg.div_val)
         tie_adaptive(self.word_emb, self.crit, cfg.tie_weight, cfg.tie_projs, cfg.div_val)
         self.tgt_len, self.mem_len = cfg.tgt_len, cfg.mem_len
@@ -154,20 +173,7 @@ class LSTMLM(LanguageModel):
         x = self.drop_in(self.word_emb(input_ids))
         h, c = self._state(memory, batch, x.dtype, x.device)
         docs = documents.track(doc_start, None if memory is None else memory.doc_len, batch, q, x.device)
-        if docs is None or doc_start is None or not bool(doc_start.any()):
-            y, (h, c) = self.rnn(x, (h, c))
-        else:
-            # Run up to each position where some row opens a document, zero those rows' state, go on:
-            # exactly the document alone from an empty state (one host sync per segment with starts).
-            opens = doc_start.to(x.device).bool()
-            cuts = sorted(set(opens.any(0).nonzero().flatten().tolist()) | {0, q})
-            pieces = []
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                keep = (~opens[:, a]).to(x.dtype).view(1, batch, 1)
-                h, c = h * keep, c * keep
-                y_ab, (h, c) = self.rnn(x[:, a:b], (h, c))
-                pieces.append(y_ab)
-            y = torch.cat(pieces, dim=1)
+        y, (h, c) = self.rnn(x, (h, c), None if doc_start is None else doc_start.to(x.device).bool())
         out = self.drop_out(y)
         if self.mem_len == 0:          # no memory: the next forward starts from zeros again
             new = self.init_memory(batch, x.device).to(dtype=x.dtype)

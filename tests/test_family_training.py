@@ -173,25 +173,39 @@ def test_scored_targets_make_the_update_a_token_weighted_mean_whatever_the_layou
 
 GPT2 = ["model.family=gpt2_ltm", "model.gpt2_ltm.memory.n_basis=16", "model.gpt2_ltm.memory.widths=[0.05,0.2]",
         "model.gpt2_ltm.memory.n_samples=8", "model.gpt2_ltm.memory.n_bins=16"]
+OTHERS = {
+    # A tiny random GPT-2 with the long-term memory in both layers.
+    "gpt2_ltm": (GPT2, ("hf.transformer.h.0.attn.c_attn.", "ltm.0.key."),
+                 {"tokens": (2, 8), "pending": (2, 2, 8, 32), "coef": (2, 2, 16, 32), "hist": (2, 2, 16),
+                  "writes": (2,), "doc_len": (2,)}),
+    # Two LSTM layers with a projection: the (h, c) state is the memory.
+    "lstm": (["model.family=lstm", "model.lstm.proj_size=16"], ("rnn.weight_hh_l0", "word_emb."),
+             {"h": (2, 2, 16), "c": (2, 2, 32), "doc_len": (2,)}),
+}
 
 
-def test_gpt2_with_long_term_memory_trains_under_zero_and_resumes_bitwise(runs):
-    """A tiny random GPT-2 with the long-term memory in both layers through the trainer: ZeRO 0 and
-    2 agree, a resume is bitwise, and the GPT-2 and memory weights both move."""
-    pytest.importorskip("transformers")
-    args = [*GPT2, "train.clip=0", "train.document_reset=true"]
-    ref = runs.run("gpt2-0", [*args, "train.zero_stage=0"], record=False)
-    two = runs.run("gpt2-2", [*args, "train.zero_stage=2"], record=False)
-    losses = two[0]["losses"]
-    assert all(math.isfinite(x) for x in losses) and losses == ref[0]["losses"] and losses[-1] < losses[0]
-    again = runs.run("gpt2-2-resumed", [*args, "train.zero_stage=2"], record=False, seed_from=("gpt2-2", 3))
+@pytest.mark.parametrize("family", sorted(OTHERS))
+def test_other_families_train_under_zero_and_resume_bitwise(runs, family):
+    """GPT-2 with long-term memory and the LSTM through the trainer, documents reset: ZeRO 0, 2 and 3
+    (every parameter partitioned) agree, a resume is bitwise, and their own weights move."""
+    if family == "gpt2_ltm":
+        pytest.importorskip("transformers")
+    extra, moving, fields = OTHERS[family]
+    args = [*extra, "train.clip=0", "train.document_reset=true"]
+    ref = runs.run(f"{family}-z0", [*args, "train.zero_stage=0"], record=False)
+    losses = ref[0]["losses"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    for stage in (2, 3):
+        got = runs.run(f"{family}-z{stage}", [*args, f"train.zero_stage={stage}",
+                                              "train.zero3_persistence_threshold=0"], record=False)
+        assert got[0]["losses"] == losses, f"stage {stage}"
+    again = runs.run(f"{family}-z2-resumed", [*args, "train.zero_stage=2"], record=False,
+                     seed_from=(f"{family}-z2", 3))
     assert again[0]["losses"] == losses[3:]
-    end = weights(runs.ckpt("gpt2-2", 6))
-    assert_same_weights(weights(runs.ckpt("gpt2-2-resumed", 6)), end)
-    start = weights(runs.ckpt("gpt2-2", 3))
-    for prefix in ("hf.transformer.h.0.attn.c_attn.", "ltm.0.key."):
+    end = weights(runs.ckpt(f"{family}-z2", 6))
+    assert_same_weights(weights(runs.ckpt(f"{family}-z2-resumed", 6)), end)
+    start = weights(runs.ckpt(f"{family}-z2", 3))
+    for prefix in moving:
         assert any(not torch.equal(start[k], end[k]) for k in end if k.startswith(prefix)), prefix
-    fields = torch.load(runs.ckpt("gpt2-2", 3) / "xlpipe" / "rank0.pt", weights_only=True)["memory"]["fields"]
-    assert {k: tuple(v.shape) for k, v in fields.items()} == {
-        "tokens": (2, 8), "pending": (2, 2, 8, 32), "coef": (2, 2, 16, 32), "hist": (2, 2, 16), "writes": (2,),
-        "doc_len": (2,)}
+    saved = torch.load(runs.ckpt(f"{family}-z2", 3) / "xlpipe" / "rank0.pt", weights_only=True)["memory"]["fields"]
+    assert {k: tuple(v.shape) for k, v in saved.items()} == fields
