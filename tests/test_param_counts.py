@@ -169,3 +169,16 @@ def test_gpt2_configs(name, expected):
                                         + 4 * d * d + d) + 2 * d
     ltm = 12 * (6 * d * d + 2 * 512 + d) if cfg.gpt2_ltm.long_term else 0
     assert sum(p.numel() for p in model.parameters()) == gpt2 + ltm == expected
+
+
+def test_lstm_wt103():
+    cfg = load_config(CONFIGS / "lstm_wt103.yaml", ["model.n_token=267735"]).model
+    with torch.device("meta"):
+        model = build_model(cfg)
+    h, p, e = 2048, 512, 512
+    lstm = 2 * (4 * h * (e + p) + 2 * 4 * h + h * p)          # W_ih, W_hh, two biases, W_hr per layer
+    widths = [e // 4 ** i for i in range(4)]
+    sizes = [20000, 20000, 160000, 267735 - 200000]
+    emb = sum(n * w for n, w in zip(sizes, widths)) + sum(e * w for w in widths)   # tables, projections
+    softmax = 267735 + 3 * (e + 1) + e * e                    # biases, cluster logits, the untied head projection
+    assert sum(q.numel() for q in model.parameters()) == lstm + emb + softmax == 38_248_594
