@@ -8,6 +8,7 @@ import sys
 STAGES = {
     "prepare": "pipeline.prepare",
     "train": "pipeline.train",
+    "compare": "pipeline.compare",
     "evaluate": "pipeline.evaluate",
     "export": "pipeline.export",
     "generate": "pipeline.generate",

@@ -207,6 +207,26 @@ class TrackingConfig:
     run_name: str = ""               # "": MLflow picks one
     system_metrics: bool = True      # CPU/RAM/disk/network (+GPU with nvidia-ml-py) from rank 0
     system_metrics_interval: float = 10.0  # seconds between samples
+    parent_run_id: str = ""          # training: nest the run under this one (pipeline.compare's parent run)
+
+
+@dataclasses.dataclass
+class CompareEntry:
+    """One member of a comparison: its name and the overrides that make it (``model.family=lstm`` ...)."""
+
+    name: str = ""
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """``python -m pipeline.compare``: every member trained on the same shards with the same budget
+    (train.*), evaluated with the same settings (eval.*), RECL over the group, one report."""
+
+    output: str = "runs/compare"     # <output>/<name>/ per member; report.{json,md} and plots here
+    members: List[CompareEntry] = field(default_factory=list)
+    splits: List[str] = field(default_factory=lambda: ["valid", "test"])
+    recl: bool = True                # RECL over the members (eval.recl.contexts / ratios / positions)
 
 
 @dataclasses.dataclass
@@ -219,6 +239,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 class ConfigError(XlpipeError, ValueError):

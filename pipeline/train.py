@@ -163,7 +163,7 @@ def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
     # Started before seeding: MLflow names new runs with Python's `random`.
     tracker = Tracker(cfg.tracking, rank=env.rank).start(
         run_name=cfg.tracking.run_name or None, run_id=point.meta.mlflow_run_id if point else None,
-        params=cfg, world_size=env.world_size,
+        params=cfg, world_size=env.world_size, parent_run_id=cfg.tracking.parent_run_id or None,
         tags={"stage": "train", "zero_stage": t.zero_stage, "precision": t.precision,
               "resumed_from_step": point.step if point else 0, "output": str(Path(t.output).resolve())})
     with distributed.StopSignal() as stop, tracker:
