@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from train_fixtures import REPO, TINY, make_shards
+
+from train_fixtures import TINY, make_shards
 
 pytestmark = pytest.mark.slow
 
