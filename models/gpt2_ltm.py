@@ -96,9 +96,6 @@ class GPT2LTM(LongTermMemory, LanguageModel):
             raise ValueError(f"model.gpt2_ltm.layers={g.layers}: layers {bad} are outside 0..{cfg.n_layer - 1}")
         if len(set(g.layers)) != len(g.layers):
             raise ValueError(f"model.gpt2_ltm.layers={g.layers} repeats a layer")
-        if g.pretrained and not (Path(g.pretrained).expanduser() / "config.json").is_file():
-            raise ValueError(f"model.gpt2_ltm.pretrained={g.pretrained!r} holds no config.json (a directory "
-                             f"saved by transformers' save_pretrained)")
         if cfg.d_model != cfg.n_head * cfg.d_head and not g.pretrained:
             raise ValueError(f"model.d_head={cfg.d_head}: GPT-2 needs n_head x d_head = d_model ({cfg.d_model})")
 
@@ -107,8 +104,11 @@ class GPT2LTM(LongTermMemory, LanguageModel):
         self.check_config(cfg)
         self.cfg, g = cfg, cfg.gpt2_ltm
         tf = _hf()
-        if g.pretrained:
+        if g.pretrained:               # checked when built (a config names it before it is downloaded)
             path = Path(g.pretrained).expanduser()
+            if not (path / "config.json").is_file():
+                raise ValueError(f"model.gpt2_ltm.pretrained={g.pretrained!r} holds no config.json (a directory "
+                                 f"saved by transformers' save_pretrained)")
             if not (path / "model.safetensors").is_file():
                 raise ValueError(f"model.gpt2_ltm.pretrained={g.pretrained!r} has no model.safetensors: only "
                                  f"safetensors weights are read (a pickled pytorch_model.bin could run code)")
