@@ -44,6 +44,8 @@ def raw_tokens(shard_dir: Path, split: str) -> np.ndarray:
     for shard in manifest["splits"][split]["shards"]:
         with tarfile.open(shard_dir / shard["file"]) as tar:
             for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                if not member.name.endswith(".tokens.npy"):      # starts.npy: where documents open
+                    continue
                 parts.append(np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False))
     return np.concatenate(parts).astype(np.int64)
 
