@@ -205,6 +205,24 @@ class LanguageModel(nn.Module):
                            f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
 
 
+class SegmentMemoryLengths:
+    """``lengths`` / ``set_lengths`` for a family whose only lengths are ``tgt_len`` and ``mem_len``
+    (GPT-2 with long-term memory, the LSTM), held as attributes of those names."""
+
+    tgt_len: int
+    mem_len: int
+
+    def lengths(self) -> dict:
+        return {"tgt_len": self.tgt_len, "mem_len": self.mem_len}
+
+    def set_lengths(self, tgt_len: Optional[int] = None, mem_len: Optional[int] = None) -> None:
+        tgt = self.tgt_len if tgt_len is None else int(tgt_len)
+        mem = self.mem_len if mem_len is None else int(mem_len)
+        if tgt < 1 or mem < 0:
+            raise ValueError(f"tgt_len={tgt} must be >= 1 and mem_len={mem} >= 0")
+        self.tgt_len, self.mem_len = tgt, mem
+
+
 def span_keeping_mem_len(mem_len: int, tgt_len: int, eval_tgt_len: int) -> int:
     """Memory that keeps the training attention span ``mem_len + tgt_len`` at segments of
     ``eval_tgt_len`` (the Transformer-XL reference's rule; without memory nothing to extend):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import documents
-from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
+from models.base import LanguageModel, ModelOutput, SegmentMemoryLengths, span_keeping_mem_len
 from models.infinite_former import InfiniteFormerConfig, LongTermAttention, LongTermMemory
 from models.memory import Memory
 from models.modules.continuous import GaussianBasis
@@ -81,7 +81,7 @@ def _hf():
     return transformers
 
 
-class GPT2LTM(LongTermMemory, LanguageModel):
+class GPT2LTM(LongTermMemory, SegmentMemoryLengths, LanguageModel):
     family = "gpt2_ltm"
     length_names = ("tgt_len", "mem_len")   # absolute positions: nothing to clamp or equalise
     suffix_targets = False
@@ -156,16 +156,6 @@ class GPT2LTM(LongTermMemory, LanguageModel):
         return {**section, "gpt2_ltm": {**section["gpt2_ltm"], "pretrained": "", "hf_config": hf}}
 
     # -- lengths --------------------------------------------------------------------------
-    def lengths(self) -> dict:
-        return {"tgt_len": self.tgt_len, "mem_len": self.mem_len}
-
-    def set_lengths(self, tgt_len: Optional[int] = None, mem_len: Optional[int] = None) -> None:
-        tgt = self.tgt_len if tgt_len is None else int(tgt_len)
-        mem = self.mem_len if mem_len is None else int(mem_len)
-        if tgt < 1 or mem < 0:
-            raise ValueError(f"tgt_len={tgt} must be >= 1 and mem_len={mem} >= 0")
-        self.tgt_len, self.mem_len = tgt, mem
-
     def eval_mem_len(self, tgt_len: int) -> int:
         return min(span_keeping_mem_len(self.cfg.mem_len, self.cfg.tgt_len, tgt_len), self._max_memory(tgt_len))
 

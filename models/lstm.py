@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from models import documents
-from models.base import LanguageModel, ModelOutput
+from models.base import LanguageModel, ModelOutput, SegmentMemoryLengths
 from models.memory import Memory
 from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, score, tie_adaptive
 from models.modules.dropout import Dropout
@@ -66,7 +66,7 @@ class ResettingLSTM(nn.LSTM):
         return torch.cat(pieces, dim=1), (h, c)
 
 
-class LSTMLM(LanguageModel):
+class LSTMLM(SegmentMemoryLengths, LanguageModel):
     family = "lstm"
     length_names = ("tgt_len", "mem_len")
     suffix_targets = True            # fewer targets than inputs score the last positions
@@ -113,16 +113,6 @@ class LSTMLM(LanguageModel):
             self.crit.cluster_bias.zero_()
 
     # -- lengths --------------------------------------------------------------------------
-    def lengths(self) -> dict:
-        return {"tgt_len": self.tgt_len, "mem_len": self.mem_len}
-
-    def set_lengths(self, tgt_len: Optional[int] = None, mem_len: Optional[int] = None) -> None:
-        tgt = self.tgt_len if tgt_len is None else int(tgt_len)
-        mem = self.mem_len if mem_len is None else int(mem_len)
-        if tgt < 1 or mem < 0:
-            raise ValueError(f"tgt_len={tgt} must be >= 1 and mem_len={mem} >= 0")
-        self.tgt_len, self.mem_len = tgt, mem
-
     def eval_mem_len(self, tgt_len: int) -> int:
         return self.cfg.mem_len          # the state is carried (or not) whatever the segment
 

@@ -318,9 +318,11 @@ class ShardReader:
         except (ValueError, OSError) as exc:
             raise ShardError(f"shard {self.path}: member {name} is not a valid .npy ({exc})") from None
 
+    def _key(self, c: int) -> str:
+        return f"{Path(self.info.file).stem.split('-')[-1]}_{c:06d}"
+
     def chunk(self, c: int) -> np.ndarray:
-        key = f"{Path(self.info.file).stem.split('-')[-1]}_{c:06d}"
-        arr = self._read(f"{key}.tokens.npy")
+        arr = self._read(f"{self._key(c)}.tokens.npy")
         if arr.dtype != self.dtype or arr.ndim != 1 or len(arr) != self.info.chunks[c]:
             raise ShardError(f"shard {self.path}: chunk {c} is {arr.dtype}[{len(arr)}], "
                              f"the manifest says {self.dtype}[{self.info.chunks[c]}]")
@@ -330,12 +332,10 @@ class ShardReader:
         return arr
 
     def starts(self, c: int) -> np.ndarray:
-        key = f"{Path(self.info.file).stem.split('-')[-1]}_{c:06d}"
-        return self._read(f"{key}.starts.npy")
+        return self._read(f"{self._key(c)}.starts.npy")
 
     def scored(self, c: int) -> np.ndarray:
-        key = f"{Path(self.info.file).stem.split('-')[-1]}_{c:06d}"
-        arr = self._read(f"{key}.scored.npy")
+        arr = self._read(f"{self._key(c)}.scored.npy")
         if arr.dtype != np.uint8 or arr.ndim != 1 or len(arr) != self.info.chunks[c]:
             raise ShardError(f"shard {self.path}: chunk {c} scored.npy is {arr.dtype}[{len(arr)}], expected "
                              f"uint8[{self.info.chunks[c]}] (corrupt shard); re-run prepare with --force")
