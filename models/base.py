@@ -170,6 +170,10 @@ class LanguageModel(nn.Module):
         those tokens (RECL's windows, the sliding-window baseline)."""
         raise NotImplementedError
 
+    def max_context(self) -> Optional[int]:
+        """The most tokens one forward from empty memory can take (a fixed window), or None."""
+        return None
+
     def generation_lengths(self, mem_len: int = 0, clamp_len: Optional[int] = None) -> tuple[int, dict]:
         """``(segment, lengths)`` for feeding a prompt and sampling: the most tokens one forward
         takes, and the lengths to run under (``mem_len`` 0: the family's own)."""

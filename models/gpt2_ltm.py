@@ -179,6 +179,9 @@ class GPT2LTM(LongTermMemory, SegmentMemoryLengths, LanguageModel):
     def window_lengths(self, context: int, clamp_len: Optional[int] = None) -> dict:
         return {"tgt_len": context, "mem_len": 0}
 
+    def max_context(self) -> Optional[int]:
+        return self.n_positions
+
     def generation_lengths(self, mem_len: int = 0, clamp_len: Optional[int] = None) -> tuple[int, dict]:
         if clamp_len is not None:
             raise ValueError(f"clamp_len={clamp_len}: GPT-2 has absolute positions; leave it unset")

@@ -242,6 +242,9 @@ class VanillaTransformer(LanguageModel):
         # its Transformer-XL members, and it leaves this family's windows as they are.
         return {"tgt_len": context, "mem_len": 0}
 
+    def max_context(self) -> Optional[int]:
+        return self.context
+
     def generation_lengths(self, mem_len: int = 0, clamp_len: Optional[int] = None) -> tuple[int, dict]:
         if clamp_len is not None:
             raise ValueError(f"clamp_len={clamp_len}: the vanilla family has absolute positions; leave it unset")

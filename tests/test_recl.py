@@ -155,3 +155,15 @@ def test_context_losses_vanilla_match_sliding_window():
         # Al-Rfou's stride-1 window of c tokens: slide[t - 1] predicts x_t from x_{t-c} .. x_{t-1}.
         slide = sliding_window_nll(model, tokens, stride=1, window=c)
         np.testing.assert_allclose(got[c], slide[pos - 1].double().numpy(), atol=1e-5)
+
+
+def test_a_context_beyond_the_window_gives_the_window():
+    """The Al-Rfou model sees at most its window: asked for a longer context it gets its last L
+    tokens, the loss of its full window (so its RECL stops there), as a sliding window computes."""
+    model = tiny("vanilla", attn_type="learned", tgt_len=16)
+    tokens = torch.randint(0, 23, (120,), generator=torch.Generator().manual_seed(3))
+    pos = np.arange(40, 120, 9)
+    got = context_losses(model, tokens, pos, [16, 32], batch_size=4)
+    slide = sliding_window_nll(model, tokens, stride=1, window=16)
+    for c in (16, 32):
+        np.testing.assert_allclose(got[c], slide[pos - 1].double().numpy(), atol=1e-5)

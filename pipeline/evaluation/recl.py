@@ -173,7 +173,9 @@ def context_losses(model, tokens: np.ndarray | torch.Tensor, positions: Sequence
     """``{c: nll}`` with ``nll[k] = -log P(tokens[t] | tokens[t-c : t])`` for ``t = positions[k]``.
 
     Each window of exactly c tokens is one forward from empty memory (Transformer-XL: segment
-    length c, no memory kept; the Al-Rfou model: c <= its window); only its last position is scored.
+    length c, no memory kept); only its last position is scored. A model that sees at most
+    ``max_context()`` tokens (the Al-Rfou model's window) is given its last that many when c is
+    larger: what it can use of a longer context, so its gains stop there.
     """
     from pipeline.evaluation.scoring import unwrap
 
@@ -190,9 +192,11 @@ def context_losses(model, tokens: np.ndarray | torch.Tensor, positions: Sequence
     module.eval()
     out: dict[int, np.ndarray] = {}
     try:
-        for c in contexts:
-            if c < 1:
-                raise ReclError(f"context length {c} must be >= 1")
+        cap = module.max_context()
+        for given in contexts:
+            if given < 1:
+                raise ReclError(f"context length {given} must be >= 1")
+            c = given if cap is None else min(given, cap)
             nll = torch.empty(len(pos), dtype=torch.float64)
             with module.eval_lengths(**module.window_lengths(c, clamp_len)):
                 offs = torch.arange(-c, 0)
@@ -204,7 +208,7 @@ def context_losses(model, tokens: np.ndarray | torch.Tensor, positions: Sequence
                     else:                                                  # [b, c]: x_{t-c+1} .. x_t
                         tgt = tokens[t[:, None] + offs + 1].to(device)
                     nll[i: i + len(t)] = model(win, tgt).nll[:, -1].double().cpu()
-            out[c] = nll.numpy()
+            out[given] = nll.numpy()
     finally:
         module.train(was_training)
     return out
