@@ -110,12 +110,14 @@ def _member(cfg: Config, config_path: str, overrides: Sequence[str], member, out
     run = out / member.name
     common = [*overrides, *member.overrides, f"train.output={run}"]
     final = run / "checkpoints" / ckpt.tag_for(cfg.train.max_steps)
-    seconds = None
+    timing = run / "train_seconds.json"
     if not (final / "xlpipe" / "meta.json").is_file():
         seconds = _stage("train", config_path, [*common, f"tracking.run_name={member.name}",
                                                 f"tracking.parent_run_id={tracker.run_id or ''}"],
                          run / "train.log")
+        atomic_write_json(timing, {"seconds": seconds})
         log.info("%s: trained in %.0fs", member.name, seconds)
+    seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
     meta = ckpt.load_meta(final)
     rows = {}
     for split in cfg.compare.splits:
