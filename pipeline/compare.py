@@ -59,9 +59,11 @@ def _stage(stage: str, config: str, overrides: Sequence[str], log_path: Path) ->
 
 
 def _parameters(meta_config: dict) -> int:
+    """Parameters inference uses (tied ones once; training-only heads such as Al-Rfou's left out)."""
     with torch.device("meta"):
         model = build_model(model_config(meta_config))
-    return sum(p.numel() for p in model.parameters())
+    only = tuple(model.training_only)
+    return sum(p.numel() for n, p in model.named_parameters() if not (only and n.startswith(only)))
 
 
 def _valid_curve(tracker: Tracker, run_id: Optional[str], tokens_per_step: float) -> list[list[float]]:
