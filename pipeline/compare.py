@@ -50,7 +50,7 @@ def _stage(stage: str, config: str, overrides: Sequence[str], log_path: Path) ->
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         rc = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--config", config, *overrides],
-                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ}).returncode
+                            stdout=out, stderr=subprocess.STDOUT).returncode
     if rc:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise CompareError(f"{stage} failed (exit {rc}) with overrides {list(overrides)}; its log is "

@@ -342,7 +342,7 @@ class Run:
         self._reset_window()
 
     def validate(self) -> dict:
-        valid = validate(self.engine, self.cfg, self.bpc, self.memory_dtype)
+        valid = validate(self.engine, self.cfg, self.bpc, self.memory_dtype, self.manifest.scored)
         self.summary["valid"] = valid
         self.tracker.log_metrics({f"valid_{k}": v for k, v in valid.items()}, self.step)
         if self.rank == 0:
@@ -394,13 +394,12 @@ class Run:
         self.engine = self.module = self.memories = None   # see release_process_group
 
 
-def validate(engine, cfg: Config, bpc: bool, memory_dtype: torch.dtype) -> dict:
+def validate(engine, cfg: Config, bpc: bool, memory_dtype: torch.dtype, scored: bool = False) -> dict:
     """The valid split with memory, at the eval tgt_len and the memory that keeps the span, and
     the share of attention on each part of the memory."""
     t = cfg.train
     mem_len = unwrap(engine).eval_mem_len(t.eval_tgt_len)   # the family's rule for keeping the span
     n = t.eval_n_streams or t.n_streams
-    scored = Manifest.load(cfg.data.output).scored
     sums = score_split(engine, cfg.data.output, "valid", n_streams=n, tgt_len=t.eval_tgt_len, mem_len=mem_len,
                        max_steps=t.eval_max_steps, memory_dtype=memory_dtype,
                        attention_buckets=cfg.eval.attention_buckets, document_reset=t.document_reset,

@@ -50,11 +50,12 @@ import torch
 
 from pipeline.common import XlpipeError
 from pipeline.data.shards import Manifest, SplitTokens
+from pipeline.data.sources import OrderedSource, ShuffledSentences
 
 STATE_VERSION = 1
 MODES = ("ordered", "shuffled_sentences")
 # RNG streams: SeedSequence([seed, purpose, epoch, index]) -- one independent stream per purpose.
-_ROLL, _CHUNK_ORDER, _SENTENCES = 0, 1, 2
+_ROLL = 0      # the sources use 1 (chunk order) and 2 (sentences): pipeline/data/sources.py
 # Fields a saved state must match: they define which token each (stream, offset) is.
 _IDENTITY = ("split", "mode", "n_streams", "tgt_len", "split_tokens", "seed", "roll", "warm_tokens")
 
@@ -171,94 +172,6 @@ def _pieces(start: int, n: int, modulus: int) -> Iterator[tuple[int, int]]:
         start, n = start + take, n - take
 
 
-class _OrderedSource:
-    """The split itself, every epoch."""
-
-    def __init__(self, tokens: SplitTokens):
-        self.tokens = tokens
-
-    def read(self, epoch: int, lo: int, hi: int, out: np.ndarray) -> None:
-        self.tokens.read(lo, hi, out=out)
-
-    def flags(self, epoch: int, lo: int, hi: int, starts: Optional[np.ndarray], scored: Optional[np.ndarray]) -> None:
-        self.tokens.flags(lo, hi, starts, scored)
-
-
-class _ShuffledSentences:
-    """Epoch ``e``'s sequence: chunks in a shuffled order, each with its sentences shuffled."""
-
-    def __init__(self, tokens: SplitTokens, seed: int, cache_chunks: int = 4):
-        self.tokens, self.seed = tokens, seed
-        self.lengths = np.array([n for shard in tokens.info.shards for n in shard.chunks], dtype=np.int64)
-        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._cache_chunks = max(1, cache_chunks)
-
-    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk order, start of each ordered chunk in the epoch's sequence)."""
-        if epoch not in self._orders:
-            if len(self._orders) >= 2:   # at most two epochs are live (streams cross one at a time)
-                self._orders.pop(min(self._orders))
-            rng = np.random.default_rng([self.seed, _CHUNK_ORDER, epoch])
-            order = rng.permutation(len(self.lengths))
-            starts = np.concatenate([[0], np.cumsum(self.lengths[order])])
-            self._orders[epoch] = (order, starts)
-        return self._orders[epoch]
-
-    def shuffled_chunk(self, epoch: int, k: int) -> np.ndarray:
-        return self._shuffled(epoch, k)[0]
-
-    def _shuffled(self, epoch: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(the chunk's tokens with its sentences shuffled, True where a sentence starts)."""
-        hit = self._cache.get((epoch, k))
-        if hit is None:
-            raw = self.tokens.chunk(k)
-            starts = self.tokens.sentence_starts(k)
-            if len(starts) == 0 or starts[0] != 0:          # tokens before the first start: one more piece
-                starts = np.concatenate([[0], starts])
-            lens = np.diff(np.append(starts, len(raw)))
-            perm = np.random.default_rng([self.seed, _SENTENCES, epoch, k]).permutation(len(starts))
-            new_lens = lens[perm]
-            new_starts = np.cumsum(new_lens) - new_lens
-            # Gather index: output position p in sentence q comes from starts[perm[q]] + (p - new_starts[q]).
-            src = np.arange(len(raw)) + np.repeat(starts[perm] - new_starts, new_lens)
-            arr = raw[src]
-            opens = np.zeros(len(raw), dtype=bool)
-            opens[new_starts[new_lens > 0]] = True
-            if len(self._cache) >= self._cache_chunks:
-                self._cache.pop(next(iter(self._cache)))
-            hit = self._cache[(epoch, k)] = (arr, opens)
-        return hit
-
-    def read(self, epoch: int, lo: int, hi: int, out: np.ndarray) -> None:
-        order, starts = self.order(epoch)
-        q = int(np.searchsorted(starts, lo, side="right")) - 1
-        pos = lo
-        while pos < hi:
-            arr = self.shuffled_chunk(epoch, int(order[q]))
-            base = int(starts[q])
-            take = min(hi, base + len(arr)) - pos
-            out[pos - lo: pos - lo + take] = arr[pos - base: pos - base + take]
-            pos += take
-            q += 1
-
-    def flags(self, epoch: int, lo: int, hi: int, starts: Optional[np.ndarray], scored: Optional[np.ndarray]) -> None:
-        if scored is not None:
-            raise StreamError("shuffled_sentences streams do not carry scored targets")
-        if starts is None:
-            return
-        order, offsets = self.order(epoch)
-        q = int(np.searchsorted(offsets, lo, side="right")) - 1
-        pos = lo
-        while pos < hi:
-            opens = self._shuffled(epoch, int(order[q]))[1]
-            base = int(offsets[q])
-            take = min(hi, base + len(opens)) - pos
-            starts[pos - lo: pos - lo + take] = opens[pos - base: pos - base + take]
-            pos += take
-            q += 1
-
-
 def _ranges(ids: Iterable[int]) -> str:
     """``[0, 1, 2, 5]`` → ``"0-2, 5"`` for error messages."""
     ids = sorted(ids)
@@ -282,6 +195,8 @@ class SegmentStreams:
         split, T = tokens.split, len(tokens)
         if mode not in MODES:
             raise StreamError(f"mode={mode!r}; expected one of {MODES}")
+        if mode == "shuffled_sentences" and tokens.manifest.scored:
+            raise StreamError("shuffled_sentences streams do not carry scored targets; use mode='ordered'")
         if mode == "shuffled_sentences" and not tokens.manifest.sentences:
             raise StreamError(f"mode='shuffled_sentences' needs a sentence corpus, but the manifest of "
                               f"{tokens.shard_dir} has sentences=false; use mode='ordered'")
@@ -301,7 +216,7 @@ class SegmentStreams:
         self.rank, self.world_size, self.micro_batches = rank, world_size, micro_batches
         self.seed, self.roll, self.drop_last = seed, roll, drop_last
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.source = _ShuffledSentences(tokens, seed) if mode == "shuffled_sentences" else _OrderedSource(tokens)
+        self.source = ShuffledSentences(tokens, seed) if mode == "shuffled_sentences" else OrderedSource(tokens)
 
         # Per owned stream: offset within its epoch (negative during warm-up) and its epoch.
         self._off = np.full(len(self.ids), -warm_tokens, dtype=np.int64)
