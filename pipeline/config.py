@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import field
 from pathlib import Path
 from typing import Any, List, Literal, Optional, Sequence
+from urllib.parse import urlparse
 
 import yaml
 from omegaconf import OmegaConf
@@ -26,6 +28,10 @@ class DataConfig:
     corpus: Literal["wt103", "lm1b", "enwik8", "text8", "ptb", "text", "stdlib", "pg19", "sort"] = "stdlib"
     path: str = ""                   # raw corpus: a directory, a file, or globs (text corpus)
     output: str = "shards"           # shard directory written by prepare, read by every later stage
+    # Later stages also read data.output from a URL (pipeline/data/remote.py): https://host/path or
+    # "pipe:aws s3 cp s3://bucket/path/{file} -". Its files are staged, verified, into this node-local
+    # directory ("": $TMPDIR or the system temp dir), under a subdirectory per manifest.
+    cache_dir: str = ""
     workers: int = 1                 # tokenizer processes in prepare (0: every CPU this process may use)
     # Input units and shards (pipeline/prepare.py): independent of workers and job-array tasks.
     unit_bytes: int = 1 << 24        # raw bytes per input unit; shard i of a split = unit i's tokens
@@ -348,6 +354,33 @@ def _value(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# data.output forms read through webdataset's opener (pipeline/data/remote.py); anything else is a path.
+SHARD_URLS = ("http://", "https://", "pipe:")
+
+
+def is_shard_url(location: str) -> bool:
+    return location.startswith(SHARD_URLS)
+
+
+def check_data_location(d: DataConfig) -> None:
+    """data.output is a path, an http(s) URL with a host, or a pipe: command with {file}; data.cache_dir a path."""
+    out = d.output
+    if out.startswith("pipe:") and "{file}" not in out:
+        raise ConfigError(f"data.output={out!r} is a pipe: command without {{file}}: write where each file name "
+                          f"goes, e.g. 'pipe:aws s3 cp s3://bucket/shards/{{file}} -'")
+    if out.startswith(("http://", "https://")) and not urlparse(out).netloc:
+        raise ConfigError(f"data.output={out!r} has no host: write https://host/path, the URL under which "
+                          f"manifest.json and the shard tars live")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", out)
+    if scheme and not is_shard_url(out):
+        raise ConfigError(f"data.output={out!r}: {scheme.group(1)}:// is not read directly; use an http(s) URL or a "
+                          f"pipe: command that writes the file to stdout, e.g. "
+                          f"'pipe:aws s3 cp s3://bucket/shards/{{file}} -' or 'pipe:gsutil cat gs://bucket/shards/{{file}}'")
+    if is_shard_url(d.cache_dir) or "://" in d.cache_dir:
+        raise ConfigError(f"data.cache_dir={d.cache_dir!r} must be a local directory (node-local disk the shards "
+                          f"of a URL data.output are staged into), not a URL")
+
+
 def check_values(cfg: "Config") -> None:
     """Every value in its allowed range, named by its dotted key, before anything runs."""
     for key, (ok, allowed, note) in RANGES.items():
@@ -363,6 +396,7 @@ def check_values(cfg: "Config") -> None:
         raise ConfigError(f"data.sort_sequences={cfg.data.sort_sequences} must hold three counts (train, valid, test)")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas={cfg.train.betas} must hold two values (beta1, beta2)")
+    check_data_location(cfg.data)
     if cfg.data.valid_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError(f"data.valid_fraction + data.test_fraction = "
                           f"{cfg.data.valid_fraction + cfg.data.test_fraction} leaves no train split; keep it < 1")

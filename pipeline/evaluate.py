@@ -45,6 +45,7 @@ import torch
 from models.diagnostics import attention_metrics
 from pipeline.common import DTYPES, atomic_write_json, git_commit
 from pipeline.config import Config, EvalConfig, arg_parser, check_values, parse_args
+from pipeline.data.remote import shard_dir
 from pipeline.data.shards import Manifest, SplitTokens
 from pipeline.evaluation.sources import (
     EvalError,
@@ -137,10 +138,11 @@ def evaluate(cfg: Config) -> dict:
     rank = distributed.get_rank()
     device = _device()
     dtype = DTYPES[e.dtype]
-    manifest = Manifest.load(cfg.data.output)
+    shards = shard_dir(cfg.data)       # data.output, or a URL's node-local cache
+    manifest = Manifest.load(shards)
     kind = manifest.tokenizer["kind"]
     if e.perplexity or e.recl.sources:
-        verify_splits(cfg.data.output, manifest, [e.split])     # a damaged shard stops us now, by name
+        verify_splits(shards, manifest, [e.split])     # a damaged shard stops us now, by name
     tic = time.perf_counter()
 
     source = None
@@ -168,7 +170,7 @@ def evaluate(cfg: Config) -> dict:
         # every setting refused before any work
         plan = [resolve_settings(e, source.model, m) | {"document_reset": reset} for m in mem_lens]
         for m, settings in zip(mem_lens, plan):
-            res = score(source, cfg.data.output, manifest, settings, device, dump=bool(e.dump) and m == mem_lens[0],
+            res = score(source, shards, manifest, settings, device, dump=bool(e.dump) and m == mem_lens[0],
                         attention_buckets=e.attention_buckets)
             row = {"name": f"mem{settings['mem_len']}", "settings": settings,
                    "metrics": metrics(res["nll_sum"], res["tokens"], kind, split.total_tokens, split.text)
@@ -185,7 +187,7 @@ def evaluate(cfg: Config) -> dict:
                 if shares:
                     log.info("attention: %s", " | ".join(f"{r} {v:.3f}" for r, v in shares.items()))
             if "dump" in res and res["dump"] is not None:
-                tokens = SplitTokens(cfg.data.output, manifest, e.split)
+                tokens = SplitTokens(shards, manifest, e.split)
                 try:
                     ids = tokens.read(0, split.total_tokens)
                 finally:
@@ -208,7 +210,7 @@ def evaluate(cfg: Config) -> dict:
                                               _report_dir(e.recl.sources[0]))
     stem = _stem(e, source, rows)
     if e.recl.sources and rank == 0:
-        report["recl"] = run_recl(cfg, manifest, device, dtype,
+        report["recl"] = run_recl(cfg, shards, manifest, device, dtype,
                                   out_dir / (f"{stem}-recl.png" if source is not None else f"{stem}.png"))
     distributed.barrier()
     report["seconds"] = time.perf_counter() - tic
@@ -314,7 +316,8 @@ def _track(cfg: Config, source: Optional[Source], report: dict, rows: list[dict]
 # ----------------------------------------------------------------------------- RECL
 
 
-def run_recl(cfg: Config, manifest: Manifest, device: torch.device, dtype: torch.dtype, plot_path: Path) -> dict:
+def run_recl(cfg: Config, shards: Path, manifest: Manifest, device: torch.device, dtype: torch.dtype,
+             plot_path: Path) -> dict:
     """Per-token losses of every model of ``eval.recl.sources`` at ``contexts``, RECL table and plot."""
     from pipeline.evaluation.recl import context_losses, format_table, plot_table, recl_table, sample_positions
 
@@ -323,7 +326,7 @@ def run_recl(cfg: Config, manifest: Manifest, device: torch.device, dtype: torch
     if len(set(names)) != len(names):
         raise EvalError(f"RECL model names {names} are not unique; set eval.recl.names")
     split = manifest.split(cfg.eval.split)
-    tokens = SplitTokens(cfg.data.output, manifest, cfg.eval.split)
+    tokens = SplitTokens(shards, manifest, cfg.eval.split)
     try:
         ids = tokens.read(0, split.total_tokens).astype(np.int64)
     finally:

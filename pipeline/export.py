@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config import Config, arg_parser, check_values, parse_args
+from pipeline.data.remote import shard_dir
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
 from pipeline.runtime.exports import (
@@ -59,9 +60,10 @@ def export(cfg: Config) -> Path:
     e = cfg.export
     path = resolve_checkpoint(e.source or cfg.train.output)
     meta = ckpt.load_meta(path)
-    manifest = Manifest.load(cfg.data.output)
+    shards = shard_dir(cfg.data)       # data.output, or a URL's node-local cache
+    manifest = Manifest.load(shards)
     ckpt.check_manifest(meta.manifest, manifest, cfg.data.output, path)
-    tokenizer = load_tokenizer(cfg.data.output, manifest)
+    tokenizer = load_tokenizer(shards, manifest)
     out = Path(e.output) if e.output else run_dir_of(path) / "export" / path.name
     check_output(out, e.overwrite)      # before consolidating: a refused output costs nothing
 

@@ -32,6 +32,7 @@ from models import ModelConfig
 from models.reference import ReferenceWeightsError, config_from_hf, load_reference
 from pipeline.common import XlpipeError, sha256_file
 from pipeline.config import load_config, to_dict
+from pipeline.data.remote import shard_dir
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
 from pipeline.data.tokenizers.word_vocab import read_vocab_file
@@ -102,8 +103,9 @@ def check_vocab(path: Path, tokenizer, shards: str) -> None:
 
 def import_reference(cfg, weights: Path, output: Path, hf_config: Optional[Path] = None, naming: str = "auto",
                      vocab: Optional[Path] = None, dtype: str = "fp32", overwrite: bool = False) -> Path:
-    manifest = Manifest.load(cfg.data.output)
-    tokenizer = load_tokenizer(cfg.data.output, manifest)
+    shards = shard_dir(cfg.data)       # data.output, or a URL's node-local cache
+    manifest = Manifest.load(shards)
+    tokenizer = load_tokenizer(shards, manifest)
     mcfg = model_config(cfg.model, hf_config)
     if mcfg.n_token == 0:
         mcfg = dataclasses.replace(mcfg, n_token=tokenizer.vocab_size)

@@ -41,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.config import Config, arg_parser, check_values, parse_args
+from pipeline.config import Config, arg_parser, check_values, is_shard_url, parse_args
 from pipeline.data.corpora import SPLITS, Corpus, CorpusError, Unit, open_corpus
 from pipeline.data.prepare.tokenizer import TokenizerSpec, resolve_tokenizer, tokenizer_step
 from pipeline.data.prepare.units import (
@@ -236,6 +236,10 @@ def prepare(cfg: Config, *, workers: Optional[int] = None, task_id: int = 0, num
         raise PrepareError(f"--workers={workers} is out of range: it must be >= 0 (0: every CPU)")
     workers = data.workers if workers is None else workers
     workers = cpu_count() if workers == 0 else workers
+    if is_shard_url(data.output):
+        raise PrepareError(f"data.output={data.output} is a URL; prepare writes locally: set data.output to a local "
+                           f"directory, upload that directory (e.g. `aws s3 cp --recursive DIR s3://bucket/shards/`, "
+                           f"manifest.json last), then point the later stages' data.output at the URL")
     out = Path(data.output)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"data.output={out} is a file; the shards need a directory: choose another data.output")

@@ -34,6 +34,7 @@ from models import ModelOutput, build_model
 from models.diagnostics import attention_metrics
 from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json
 from pipeline.config import Config, ConfigError, arg_parser, check_values, parse_args, to_dict, to_yaml
+from pipeline.data.remote import shard_dir
 from pipeline.data.shards import Manifest
 from pipeline.data.streams import Batch, open_streams
 from pipeline.evaluation.scoring import score_split, summarize, unwrap
@@ -151,13 +152,14 @@ def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
     check_values(cfg)                    # a Config built in Python gets the checks load_config makes
     env = distributed.init_distributed()
     setup_logging("train", env.rank)   # also for callers of train() that skip the stage runner
-    manifest = Manifest.load(cfg.data.output)
+    shards = shard_dir(cfg.data)       # data.output, or a URL's node-local cache
+    manifest = Manifest.load(shards)
     cfg = resolve_config(cfg, manifest, cfg.data.output)
     t = cfg.train
     # Everything that can be refused is refused before an MLflow run exists.
     check_precision(t.precision)
     check_layout(t, env.world_size)
-    verify_splits(cfg.data.output, manifest, ["train", "valid"] if t.eval_every else ["train"])
+    verify_splits(shards, manifest, ["train", "valid"] if t.eval_every else ["train"])
     point = find_resume(cfg, manifest, env.world_size)
 
     # Started before seeding: MLflow names new runs with Python's `random`.
@@ -167,7 +169,7 @@ def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
         tags={"stage": "train", "zero_stage": t.zero_stage, "precision": t.precision,
               "resumed_from_step": point.step if point else 0, "output": str(Path(t.output).resolve())})
     with distributed.StopSignal() as stop, tracker:
-        run = Run(cfg, manifest, point, env, tracker)
+        run = Run(cfg, shards, manifest, point, env, tracker)
         while run.step < t.max_steps:
             stats = run.train_step(hooks, stop.requested)
             if hooks.on_step:
@@ -190,10 +192,10 @@ def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
 class Run:
     """The state of one training process: engine, streams, memory per micro-batch, step."""
 
-    def __init__(self, cfg: Config, manifest: Manifest, point: Optional[ResumePoint],
+    def __init__(self, cfg: Config, shards: Path, manifest: Manifest, point: Optional[ResumePoint],
                  env: distributed.DistEnv, tracker: Tracker):
         t = self.t = cfg.train
-        self.cfg, self.manifest, self.tracker = cfg, manifest, tracker
+        self.cfg, self.shards, self.manifest, self.tracker = cfg, shards, manifest, tracker
         self.rank, self.world = env.rank, env.world_size
         # The same initial weights on every rank (ZeRO-3 partitions each rank's own copy),
         # then a per-rank generator for dropout.
@@ -204,7 +206,7 @@ class Run:
         self.memory_dtype = engine_dtype(self.engine)
         _seed(t.seed + self.rank)
 
-        self.streams = open_streams(cfg.data.output, "train", n_streams=t.n_streams, tgt_len=t.tgt_len,
+        self.streams = open_streams(shards, "train", n_streams=t.n_streams, tgt_len=t.tgt_len,
                                     rank=self.rank, world_size=self.world, micro_batches=t.micro_batches,
                                     seed=t.seed, roll=t.roll, mode=stream_mode(cfg, manifest), drop_last=True,
                                     pin_memory=self.device.type == "cuda")
@@ -342,7 +344,7 @@ class Run:
         self._reset_window()
 
     def validate(self) -> dict:
-        valid = validate(self.engine, self.cfg, self.bpc, self.memory_dtype, self.manifest.scored)
+        valid = validate(self.engine, self.cfg, self.shards, self.bpc, self.memory_dtype, self.manifest.scored)
         self.summary["valid"] = valid
         self.tracker.log_metrics({f"valid_{k}": v for k, v in valid.items()}, self.step)
         if self.rank == 0:
@@ -394,13 +396,13 @@ class Run:
         self.engine = self.module = self.memories = None   # see release_process_group
 
 
-def validate(engine, cfg: Config, bpc: bool, memory_dtype: torch.dtype, scored: bool = False) -> dict:
+def validate(engine, cfg: Config, shards: Path, bpc: bool, memory_dtype: torch.dtype, scored: bool = False) -> dict:
     """The valid split with memory, at the eval tgt_len and the memory that keeps the span, and
     the share of attention on each part of the memory."""
     t = cfg.train
     mem_len = unwrap(engine).eval_mem_len(t.eval_tgt_len)   # the family's rule for keeping the span
     n = t.eval_n_streams or t.n_streams
-    sums = score_split(engine, cfg.data.output, "valid", n_streams=n, tgt_len=t.eval_tgt_len, mem_len=mem_len,
+    sums = score_split(engine, shards, "valid", n_streams=n, tgt_len=t.eval_tgt_len, mem_len=mem_len,
                        max_steps=t.eval_max_steps, memory_dtype=memory_dtype,
                        attention_buckets=cfg.eval.attention_buckets, document_reset=t.document_reset,
                        accuracy=scored)

@@ -30,8 +30,9 @@ TINY = [
 ]
 
 
-def make_shards(root: Path, n_docs: int = 500) -> Path:
-    """``root/shards`` from a generated JSONL corpus through ``pipeline.prepare``."""
+def make_shards(root: Path, n_docs: int = 500, extra: Sequence[str] = ()) -> Path:
+    """``root/shards`` from a generated JSONL corpus through ``pipeline.prepare`` (``extra``: more
+    overrides, e.g. a small ``data.unit_bytes`` for several shards per split)."""
     from pipeline.config import load_config
     from pipeline.prepare import prepare
 
@@ -44,7 +45,7 @@ def make_shards(root: Path, n_docs: int = 500) -> Path:
     out = root / "shards"
     cfg = load_config(REPO / "configs" / "tiny.yaml",
                       ["data.corpus=text", f"data.path={corpus}", f"data.output={out}", "data.workers=1",
-                       "data.valid_fraction=0.15", "data.test_fraction=0.05", "tokenizer.kind=byte"])
+                       "data.valid_fraction=0.15", "data.test_fraction=0.05", "tokenizer.kind=byte", *extra])
     prepare(cfg, progress=False)
     return out
 

@@ -29,8 +29,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json, read_versioned_json, sha256_file
+from pipeline.config import is_shard_url
 
 MANIFEST = "manifest.json"
+REMOTE_MARKER = ".xlpipe-remote.json"   # in a URL's cache directory: shards are fetched on first open (remote.py)
 FORMAT = "xlpipe-shards"
 VERSION = 1
 
@@ -127,6 +129,9 @@ class Manifest:
 
     @classmethod
     def load(cls, shard_dir: str | Path) -> "Manifest":
+        if is_shard_url(str(shard_dir)):
+            raise ShardError(f"{shard_dir} is a URL: open it with pipeline.data.remote.shard_dir(cfg.data), which "
+                             f"stages its files into data.cache_dir")
         path = Path(shard_dir) / MANIFEST
         if not path.is_file():
             raise ShardError(f"{path} does not exist; run `python -m pipeline.prepare --config ...` "
@@ -282,6 +287,10 @@ class ShardReader:
     def __init__(self, shard_dir: str | Path, info: ShardInfo, dtype: str, sentences: bool = False,
                  scored: bool = False):
         self.path = Path(shard_dir) / info.file
+        if (Path(shard_dir) / REMOTE_MARKER).is_file():   # a URL's cache: fetched and verified on first open
+            from pipeline.data.remote import stage
+
+            stage(Path(shard_dir), info)
         self.info = info
         self.dtype = np.dtype(dtype)
         if not self.path.is_file():
