@@ -51,8 +51,14 @@ demo: $(STAMP)
 bench: $(STAMP) $(REF_STAMP)
 	bash benchmarks/run_all.sh
 
+# The UI over the default store (training's sqlite:///mlruns.db), lean like cluster/mlflow_server.sh:
+# one worker, no job runner. `make ui UI_PORT=5001` when 5000 is taken; UI_STORE names another store.
+# Open runs with ?workflowType=machine_learning (or pick "Model training" in the sidebar once).
+UI_PORT ?= 5000
+UI_STORE ?= sqlite:///mlruns.db
 ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri $(UI_STORE) \
+	  --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 clean:
 	rm -rf demo runs shards

@@ -14,6 +14,11 @@ run id, or its error, so no rank waits forever). MLflow is imported on rank 0 on
 Where runs go: ``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI`` (e.g. the server started
 by cluster/mlflow_server.sh), else ``sqlite:///<cwd>/mlruns.db`` with artifacts in ``<cwd>/mlruns``.
 
+Experiments are tagged ``mlflow.experimentKind = custom_model_development`` (model training, not
+a GenAI app) when created, or when found without the tag; a kind someone set is left alone.
+MLflow 3.17's UI takes the kind from its GenAI / Model training switch instead (remembered by the
+browser, or ``?workflowType=machine_learning`` in the URL): ``ui_url`` gives links that carry it.
+
 Resuming (``run_id=``, or ``$MLFLOW_RUN_ID``) reopens the same run as RUNNING. Params are immutable in MLflow: a param
 already logged with the same value is skipped; a changed one is kept and the new value is logged
 as the tag ``param_changed.<key>``. Params go in batches of 100 (MLflow's limit); values longer
@@ -51,6 +56,10 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 DEFAULT_DB = "mlruns.db"
+# Model training, not a GenAI app: the tag MLflow 3's experiment-kind selector writes (values from
+# its ExperimentKind enum), read by its UIs before 3.17's GenAI / Model training switch.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def tracking_uri(cfg: Optional[TrackingConfig] = None) -> str:
@@ -61,6 +70,16 @@ def tracking_uri(cfg: Optional[TrackingConfig] = None) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     # Absolute, so a later chdir (or a stage run from elsewhere) cannot split the store.
     return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def ui_url(base: str, experiment_id: str, run_id: Optional[str] = None) -> str:
+    """The UI page of an experiment (its runs table) or of one run, in the model-training view.
+
+    MLflow 3.17's UI opens every experiment as a GenAI one unless the URL (or the browser's last
+    choice of the sidebar switch) says ``workflowType=machine_learning``.
+    """
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
 
 
 def _quiet_store_logs() -> None:
@@ -192,6 +211,8 @@ class Tracker:
         self.run_id = run.info.run_id
         self.set_tags(all_tags)
         log.info("MLflow run %s (%s) at %s", self.run_id, "resumed" if run_id else "new", self.uri)
+        if self.uri.startswith(("http://", "https://")):
+            log.info("MLflow UI: %s", ui_url(self.uri, run.info.experiment_id, self.run_id))
         return self.run_id
 
     def _check_resumable(self, run_id: str) -> None:
@@ -210,18 +231,30 @@ class Tracker:
     def _experiment_id(self) -> str:
         exp = self._client.get_experiment_by_name(self.cfg.experiment)
         if exp is not None:
+            self._mark_model_training(exp)
             return exp.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # artifacts next to the database, not in the cwd
             safe = re.sub(r"[^\w.-]+", "_", self.cfg.experiment)
             location = (Path(self.uri[len("sqlite:///"):]).parent / "mlruns" / safe).as_uri()
         try:
-            return self._client.create_experiment(self.cfg.experiment, artifact_location=location)
+            return self._client.create_experiment(self.cfg.experiment, artifact_location=location,
+                                                  tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # created meanwhile by another job: use it
             exp = self._client.get_experiment_by_name(self.cfg.experiment)
             if exp is None:
                 raise
+            self._mark_model_training(exp)
             return exp.experiment_id
+
+    def _mark_model_training(self, exp) -> None:
+        """Tag an experiment made before the tag existed (or by someone else); never change a kind."""
+        if EXPERIMENT_KIND_TAG in exp.tags:
+            return
+        try:
+            self._client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except Exception as exc:  # noqa: BLE001 - e.g. READ permission only: the run matters more
+            log.warning("could not tag MLflow experiment %r as model training: %s", exp.name, exc)
 
     def child(self, run_name: str, params: Any = None, tags: Optional[Mapping[str, Any]] = None) -> "Tracker":
         """A started nested run under this one (same config); a collective like ``start``."""
