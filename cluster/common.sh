@@ -43,6 +43,14 @@ xl_require_config() {
   fi
 }
 
+# xl_preflight STAGE CONFIG [overrides...]: the config loads and validates, the shards/corpus and
+# the run directory are there, the streams split over the tasks -- checked here, once, before any
+# task starts (pipeline/runtime/preflight.py); exits 2 with the problems otherwise.
+xl_preflight() {
+  local stage="$1"; shift
+  "$XL_PYTHON" -m pipeline.runtime.preflight "$stage" --ntasks "${SLURM_NTASKS:-1}" --config "$@" || exit 2
+}
+
 # xl_banner STAGE CONFIG [overrides...]: where and what this job runs, at the top of its log.
 xl_banner() {
   local stage="$1" config="$2"; shift 2
@@ -80,6 +88,7 @@ xl_srun_stage() {
   xl_require_config "$stage" "$@"
   xl_banner "$stage" "$@"
   xl_check_tasks_per_gpu
+  xl_preflight "$stage" "$@"
   # srun (22.05+) no longer inherits --cpus-per-task from the allocation: pass it on.
   srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     "$XL_PYTHON" -m "pipeline.$stage" --config "$@"

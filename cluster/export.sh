@@ -15,4 +15,5 @@ source "$root/cluster/common.sh"
 
 xl_require_config export "$@"
 xl_banner export "$@"
+xl_preflight export "$@"
 "$XL_PYTHON" -m pipeline.export --config "$@"

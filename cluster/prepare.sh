@@ -30,4 +30,5 @@ if [[ " ${flags[*]-} " == *" --merge "* ]]; then
   unset SLURM_ARRAY_TASK_ID SLURM_ARRAY_TASK_COUNT SLURM_ARRAY_TASK_MIN SLURM_ARRAY_TASK_MAX SLURM_ARRAY_JOB_ID
 fi
 xl_banner prepare "$config" "${flags[@]}" "$@"
+xl_preflight prepare "$config" "$@"
 "$XL_PYTHON" -m pipeline.prepare --config "$config" "${flags[@]}" "data.workers=${SLURM_CPUS_PER_TASK:-1}" "$@"

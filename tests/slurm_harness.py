@@ -1,4 +1,9 @@
-"""A real single-node SLURM for tests: munged + slurmctld + slurmd from the Debian packages.
+"""A real SLURM for tests: munged + slurmctld + one slurmd per node from the Debian packages.
+
+Two "nodes" by default, both on 127.0.0.1 with their own names, ports, spool and logs (one
+slurmd each; platform-notes §5), so ``--nodes=2`` jobs run across them. Node names are names that
+resolve to this host (``localhost`` and the host name), so a rendezvous taken from the job's node
+list works as on a real cluster.
 
 Everything (config, state, spool, logs, pids, munge socket and key) lives under one base
 directory; daemons and clients find it through ``SLURM_CONF``, so ``/etc/slurm`` is never
@@ -83,8 +88,14 @@ def _tail(path: Path, n: int = 30) -> str:
     return "\n".join(lines[-n:])
 
 
+def node_names(n: int) -> list[str]:
+    """``n`` node names that are addresses of this host: 127.0.0.1, 127.0.0.2, ... (all of 127/8 is
+    loopback on Linux), so a rendezvous taken from the job's node list reaches this host."""
+    return [f"127.0.0.{i}" for i in range(1, n + 1)]
+
+
 class SlurmCluster:
-    """One node ``localhost`` (127.0.0.1), partition ``debug``, ``cpus`` CPUs and ``gpus`` fake GPUs.
+    """``nodes`` nodes on 127.0.0.1, partition ``debug``, each with ``cpus`` CPUs and ``gpus`` fake GPUs.
 
     ``cpus`` (and the 256 GB of memory) may exceed the hardware (``SlurmdParameters=config_overrides``:
     nothing is enforced without cgroups) so the cluster scripts' headers and a few small
@@ -93,19 +104,21 @@ class SlurmCluster:
     unchanged; CUDA stays unavailable, so jobs run on CPU with gloo.
     """
 
-    def __init__(self, base: str | Path, cpus: int = 8, gpus: int = 2):
+    def __init__(self, base: str | Path, cpus: int = 8, gpus: int = 2, nodes: int = 2):
         self.base = Path(base).resolve()
         self.cpus, self.gpus = cpus, gpus
         self.conf = self.base / "slurm.conf"
         self.munge_socket = self.base / "munge" / "munge.socket.2"
         self.procs: dict[str, subprocess.Popen] = {}
-        self.node = "localhost"
+        self.nodes = node_names(nodes)
+        self.node = self.nodes[0]
 
     # ------------------------------------------------------------------ config
     def write_config(self) -> None:
         for d in ("state", "spool", "log", "pids", "munge"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        (self.base / "spool" / self.node).mkdir(exist_ok=True)  # avoids a "Domain socket directory" error
+        for node in self.nodes:  # avoids a "Domain socket directory" error
+            (self.base / "spool" / node).mkdir(exist_ok=True)
         os.chmod(self.base / "munge", 0o755)  # munged: "execute permissions for all required"
         key = self.base / "munge" / "munge.key"
         if not key.exists():
@@ -131,9 +144,9 @@ class SlurmCluster:
             f"StateSaveLocation={b}/state",
             f"SlurmdSpoolDir={b}/spool/%n",
             f"SlurmctldPidFile={b}/pids/slurmctld.pid",
-            f"SlurmdPidFile={b}/pids/slurmd.pid",
+            f"SlurmdPidFile={b}/pids/slurmd-%n.pid",
             f"SlurmctldLogFile={b}/log/slurmctld.log",
-            f"SlurmdLogFile={b}/log/slurmd.log",
+            f"SlurmdLogFile={b}/log/slurmd-%n.log",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -152,7 +165,10 @@ class SlurmCluster:
             "SlurmdTimeout=60",
             "SchedulerParameters=sched_interval=2",
             *(["GresTypes=gpu"] if self.gpus else []),
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=256000{gres} State=UNKNOWN",
+            # One slurmd per node on this host: each its own port.
+            # NodeHostname: SLURM refuses two nodes of one host name (and maps "localhost" to it).
+            *(f"NodeName={node} NodeHostname=xlpipe-node{i} NodeAddr={node} Port={_free_port()} "
+              f"CPUs={self.cpus} RealMemory=256000{gres} State=UNKNOWN" for i, node in enumerate(self.nodes, 1)),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         ]
         tmp = self.conf.with_suffix(".tmp")
@@ -163,7 +179,7 @@ class SlurmCluster:
             if self.gpus > len(_FAKE_GPU_FILES):
                 raise ValueError(f"at most {len(_FAKE_GPU_FILES)} fake GPUs, asked for {self.gpus}")
             files = ",".join(_FAKE_GPU_FILES[: self.gpus])
-            (b / "gres.conf").write_text(f"NodeName={self.node} Name=gpu File={files}\n")
+            (b / "gres.conf").write_text(f"NodeName={','.join(self.nodes)} Name=gpu File={files}\n")
 
     @property
     def env(self) -> dict[str, str]:
@@ -195,23 +211,30 @@ class SlurmCluster:
                                f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"])
         self._wait_for(lambda: self.munge_socket.exists(), timeout, "munged socket", "munged")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
-        self._wait_for(self._idle, timeout, "node idle in sinfo", "slurmctld", "slurmd")
+        for node in self.nodes:
+            self._spawn(f"slurmd-{node}", [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
+        self._wait_for(self._idle, timeout, f"{len(self.nodes)} nodes idle in sinfo", "slurmctld",
+                       *self.slurmds)
         atexit.register(self.stop)
         return self
 
+    @property
+    def slurmds(self) -> list[str]:
+        return [f"slurmd-{node}" for node in self.nodes]
+
     def _idle(self) -> bool:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-        return r.returncode == 0 and r.stdout.strip() == "idle"
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True)
+        states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
+        return r.returncode == 0 and all(states.get(node) == "idle" for node in self.nodes)
 
     def _wait_for(self, cond, timeout: float, what: str, *daemons: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name in daemons:
-                if self.procs[name].poll() is not None:
+                rc = self.procs[name].poll()
+                if rc is not None:
                     self.stop()
-                    raise RuntimeError(f"{name} exited with {self.procs[name].returncode} while waiting "
-                                       f"for {what}; log:\n{self.logs(name)}")
+                    raise RuntimeError(f"{name} exited with {rc} while waiting for {what}; log:\n{self.logs(name)}")
             if cond():
                 return
             time.sleep(0.2)
@@ -220,6 +243,8 @@ class SlurmCluster:
         raise TimeoutError(f"SLURM test cluster under {self.base}: no {what} after {timeout:.0f}s\n{logs}")
 
     def logs(self, name: str) -> str:
+        if name == "slurmd":  # every node's
+            return "\n".join(f"[{d}]\n{self.logs(d)}" for d in self.slurmds)
         path = {"munged": self.base / "munge" / "munged.log"}.get(name, self.base / "log" / f"{name}.log")
         return _tail(path) + "\n" + _tail(self.base / "log" / f"{name}.stdout", 10)
 
@@ -232,7 +257,7 @@ class SlurmCluster:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and self.squeue():
                 time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*self.slurmds, "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -362,7 +387,7 @@ def _main(argv: list[str]) -> int:
     if cluster.conf.exists():  # jobs first, so no slurmstepd outlives its slurmd
         subprocess.run(["scancel", "--full", "--user", str(os.getuid())], env=cluster.env, capture_output=True)
         time.sleep(2)
-    for name in ("slurmd", "slurmctld", "munged"):
+    for name in (*cluster.slurmds, "slurmctld", "munged"):
         pid_file = cluster.base / "pids" / f"{name}.real.pid"
         if not pid_file.exists():
             continue

@@ -298,7 +298,7 @@ def test_pipeline_sh_chains_all_stages(slurm_cluster, stub_repo):
     import subprocess
 
     env = slurm_cluster.env | job_env() | {
-        "SBATCH_EXTRA": "--hold", "PREPARE_TASKS": "4", "PREPARE_THROTTLE": "2",
+        "XLPIPE_PYTHON": PY, "SBATCH_EXTRA": "--hold", "PREPARE_TASKS": "4", "PREPARE_THROTTLE": "2",
         "TRAIN_SBATCH": "--ntasks-per-node=2 --gpus-per-node=2 --cpus-per-task=1"}
     r = subprocess.run(["bash", "cluster/pipeline.sh", "configs/t.yaml", "train.max_steps=3"], cwd=stub_repo,
                        env=env, capture_output=True, text=True)
@@ -327,3 +327,230 @@ def test_other_scripts_pass_sbatch_validation(slurm_cluster, stub_repo):
         r = slurm_cluster.run(["sbatch", "--test-only", f"cluster/{script}", "configs/t.yaml"],
                               cwd=stub_repo, check=False)
         assert r.returncode == 0 and "to start at" in r.stderr, (script, r.stderr)
+
+
+# ------------------------------------------------------------------ two nodes, the whole chain
+
+TWO_NODES = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10")
+
+
+def test_two_nodes_resolve_ranks_from_the_node_list(slurm_cluster, tmp_path):
+    """One task on each slurmd: ranks from SLURM, the rendezvous from the node list, gloo across."""
+    assert len(slurm_cluster.nodes) == 2
+    out = tmp_path / "job.out"
+    job = slurm_cluster.sbatch([*TWO_NODES, f"--chdir={REPO}", f"--output={out}",
+                                "--wrap", f"srun {PY} -m pipeline.runtime.distributed"], env=job_env())
+    info = slurm_cluster.wait(job, timeout=120)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    reports = sorted((json.loads(line) for line in text.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    hosts = slurm_cluster.run(["scontrol", "show", "hostnames", info["NodeList"]]).stdout.split()
+    assert hosts == slurm_cluster.nodes
+    assert [r["world_size"] for r in reports] == [2, 2] and [r["local_rank"] for r in reports] == [0, 0]
+    assert all(r["master_addr"] == hosts[0] and r["all_reduce_sum"] == 3 for r in reports)
+
+
+CHAIN_CONFIG = """
+data: {{corpus: text, path: {corpus}, output: {out}/shards, workers: 1, unit_bytes: 8192,
+        valid_fraction: 0.15, test_fraction: 0.05}}
+tokenizer: {{kind: byte}}
+model: {{family: transformer_xl, n_token: 0, n_layer: 2, d_model: 32, n_head: 2, d_head: 16, d_inner: 64,
+         tgt_len: 8, mem_len: 8, dropout: 0.1, cutoffs: [], tie_weight: true}}
+train: {{output: {out}/run, seed: 1111, max_steps: {steps}, n_streams: 4, warmup_steps: 2, lr: 0.003,
+         log_every: {log_every}, eval_every: 0, save_every: 0, zero_stage: 2}}
+eval: {{split: valid, tgt_len: 8, n_streams: 2, max_steps: 5, warm_tokens: 0}}
+export: {{output: {out}/export}}
+tracking: {{enabled: true, uri: "sqlite:///{out}/mlflow.db", experiment: chain, system_metrics: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def chain_repo(tmp_path_factory):
+    """A copy of the repo and a JSONL corpus big enough for several input units."""
+    from corpus_fixtures import sentences
+
+    base = tmp_path_factory.mktemp("slurm-chain")
+    lines = sentences(11, 1600, lo=3, hi=12)
+    corpus = base / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(lines[i:i + 4]) + "\n"}) + "\n"
+                              for i in range(0, len(lines), 4)))
+    return _copy_repo(base / "repo"), corpus
+
+
+def _chain_config(repo, corpus, out, steps=6, log_every=2) -> str:
+    path = repo / "configs" / f"chain-{out.name}.yaml"
+    path.write_text(CHAIN_CONFIG.format(corpus=corpus, out=out, steps=steps, log_every=log_every))
+    return str(path.relative_to(repo))
+
+
+def _submit_chain(cluster, repo, config, env=None) -> dict[str, str]:
+    import subprocess
+
+    env = cluster.env | job_env() | {
+        "XLPIPE_PYTHON": PY, "PREPARE_TASKS": "2", "PREPARE_SBATCH": "--cpus-per-task=1 --time=10",
+        "TRAIN_SBATCH": " ".join(TWO_NODES), "EVALUATE_SBATCH": "--gpus-per-node=1 --cpus-per-task=1 --time=10",
+        "EXPORT_SBATCH": "--cpus-per-task=1 --mem=1G --time=10"} | dict(env or {})
+    r = subprocess.run(["bash", "cluster/pipeline.sh", config], cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split()[:2] for line in r.stdout.splitlines()
+                if line.split() and line.split()[0] in ("prepare", "merge", "train", "evaluate", "export"))
+
+
+def _logs(repo) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((repo / "logs").glob("*.out")))
+
+
+def test_pipeline_sh_runs_the_whole_chain_on_two_nodes(slurm_cluster, chain_repo, tmp_path):
+    """prepare array (2 tasks) → merge → train on 2 nodes x 1 task → evaluate → export, for real."""
+    import numpy as np
+    import torch
+    from test_export import load_without_deepspeed
+
+    from models import build_model
+    from pipeline.config import load_config
+    from pipeline.prepare import prepare
+    from pipeline.runtime.checkpoint import consolidated_state_dict
+    from pipeline.runtime.exports import model_config
+
+    repo, corpus = chain_repo
+    out = tmp_path / "chain"
+    config = _chain_config(repo, corpus, out)
+    ids = _submit_chain(slurm_cluster, repo, config)
+    assert list(ids) == ["prepare", "merge", "train", "evaluate", "export"]
+    info = slurm_cluster.wait(ids["export"], timeout=600, until=lambda i: i.get("JobState") in
+                              ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    assert info["JobState"] == "COMPLETED", _logs(repo)
+    states = {name: slurm_cluster.job(i) for name, i in ids.items()}
+    assert all(s["JobState"] == "COMPLETED" for s in states.values()), {n: s["JobState"] for n, s in states.items()}
+    assert states["train"]["NumNodes"] == "2" and states["train"]["NodeList"] == "127.0.0.[1-2]"
+    prep_logs = sorted((repo / "logs").glob(f"xlpipe-prepare-{ids['prepare']}_*.out"))
+    assert len(prep_logs) == 2 and all("array task" in p.read_text() for p in prep_logs)
+
+    # The array's shards and manifest are byte-identical to one process's prepare.
+    alone = tmp_path / "alone"
+    prepare(load_config(repo / config, [f"data.output={alone}"]), progress=False)
+    assert (out / "shards" / "manifest.json").read_bytes() == (alone / "manifest.json").read_bytes()
+    shards = json.loads((alone / "manifest.json").read_text())
+    assert sum(len(s["shards"]) for s in shards["splits"].values()) >= 3
+    # Training ran on both nodes into one checkpoint.
+    ckpt = out / "run" / "checkpoints" / "global_step6"
+    meta = json.loads((ckpt / "xlpipe" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 6
+    train_log = (repo / "logs" / f"xlpipe-train-{ids['train']}.out").read_text()
+    assert "nodes 2 [127.0.0.[1-2]]" in train_log and "head node 127.0.0.1" in train_log
+    # Evaluation wrote its report.
+    reports = list((out / "run" / "eval").glob("valid-*.json"))
+    assert reports and json.loads(reports[0].read_text())["results"][0]["tokens"] > 0
+    # The export loads where DeepSpeed cannot be imported, and equals the checkpoint's weights.
+    export = next(p for p in (out / "export").rglob("model.safetensors")).parent
+    seg = torch.randint(0, 256, (2, 3, 8), generator=torch.Generator().manual_seed(0))
+    got = load_without_deepspeed(export, seg, tmp_path / "lp")
+    cfg = json.loads((ckpt / "xlpipe" / "meta.json").read_text())["config"]
+    model = build_model(model_config(cfg))
+    model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+    model.eval()
+    memory, want = model.init_memory(3), []
+    with torch.no_grad():
+        for s in seg:
+            res = model(s, memory=memory, return_logprobs=True)
+            memory = res.memory
+            want.append(res.logprobs.numpy())
+    np.testing.assert_allclose(got, np.stack(want), rtol=0, atol=1e-6)
+
+
+def test_a_failing_stage_cancels_the_rest_of_the_chain(slurm_cluster, chain_repo, tmp_path):
+    """An array task fails on the corpus (invalid UTF-8): the merge and everything after it is cancelled."""
+    repo, corpus = chain_repo
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(corpus.read_bytes() + b'{"text": "caf\xe9"}\n')
+    config = _chain_config(repo, bad, tmp_path / "broken")
+    ids = _submit_chain(slurm_cluster, repo, config)
+    assert list(ids) == ["prepare", "merge", "train", "evaluate", "export"]
+    for stage in ("merge", "train", "evaluate", "export"):
+        info = slurm_cluster.wait(ids[stage], timeout=180)
+        assert info["JobState"] == "CANCELLED" and info["Reason"] == "DependencyNeverSatisfied", (stage, info)
+    tasks = sorted((repo / "logs").glob(f"xlpipe-prepare-{ids['prepare']}_*.out"))
+    assert any("invalid UTF-8" in p.read_text() for p in tasks), _logs(repo)
+
+
+def test_scripts_fail_before_any_task_starts(slurm_cluster, chain_repo, tmp_path):
+    """Shards that are not there, streams that do not split over the tasks, an impossible request:
+    each refused at once with the key and the fix, and no partial chain left queued."""
+    import subprocess
+
+    repo, corpus = chain_repo
+    config = _chain_config(repo, corpus, tmp_path / "none")          # never prepared
+    env = job_env() | {"XLPIPE_PYTHON": PY}
+    job = slurm_cluster.sbatch([*TWO_NODES, "cluster/train.sh", config], cwd=repo, env=env)
+    info = slurm_cluster.wait(job, timeout=60)
+    text = (repo / "logs" / f"xlpipe-train-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text
+    assert f"data.output={tmp_path / 'none' / 'shards'}: no manifest.json there" in text
+    assert "train[0]" not in text                                     # no task started
+
+    job = slurm_cluster.sbatch([*TWO_NODES, "cluster/train.sh", config, "train.n_streams=3",
+                                f"data.output={tmp_path}"], cwd=repo, env=env)
+    slurm_cluster.wait(job, timeout=60)
+    text = (repo / "logs" / f"xlpipe-train-{job}.out").read_text()
+    assert "train.n_streams=3 does not split over 2 tasks" in text, text
+
+    before = set(slurm_cluster.squeue())
+    run = dict(cwd=repo, capture_output=True, text=True)
+    r = subprocess.run(["bash", "cluster/pipeline.sh", config], env=slurm_cluster.env | env | {"SKIP_PREPARE": "1"},
+                       **run)
+    assert r.returncode == 2 and "no manifest.json there" in r.stderr and not r.stdout.strip(), r
+    # Three nodes on a two-node cluster: refused before anything is submitted (SLURM itself would
+    # queue the dependent training job and leave it pending for ever).
+    r = subprocess.run(["bash", "cluster/pipeline.sh", config],
+                       env=slurm_cluster.env | env | {"PREPARE_TASKS": "2",
+                                                      "TRAIN_SBATCH": "--nodes=3 --ntasks-per-node=1"}, **run)
+    assert r.returncode == 2 and "SLURM refuses the request of 'cluster/train.sh" in r.stderr, r
+    assert "Requested node configuration is not available" in r.stderr and not r.stdout.strip(), r
+    assert set(slurm_cluster.squeue()) <= before
+
+
+def test_two_node_training_preempted_resumes_to_the_same_weights(slurm_cluster, chain_repo, tmp_path):
+    """USR1 before the time limit: both nodes save, rank 0 requeues, the job resumes on both nodes
+    and ends with the weights of an uninterrupted two-node run, in the same MLflow run."""
+    from test_train import assert_same_weights, weights
+
+    from pipeline.config import load_config
+    from pipeline.prepare import prepare
+
+    repo, corpus = chain_repo
+    steps = 600
+    runs = {name: tmp_path / name for name in ("straight", "preempted")}
+    configs = {name: _chain_config(repo, corpus, out, steps=steps, log_every=10) for name, out in runs.items()}
+    shards = tmp_path / "shards"
+    prepare(load_config(repo / configs["straight"], [f"data.output={shards}"]), progress=False)
+    env = job_env() | {"XLPIPE_PYTHON": PY}
+    jobs = {name: slurm_cluster.sbatch([*TWO_NODES, "cluster/train.sh", configs[name], f"data.output={shards}"],
+                                       cwd=repo, env=env) for name in runs}
+    log = repo / "logs" / f"xlpipe-train-{jobs['preempted']}.out"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (log.exists() and f"step 20/{steps}" in log.read_text()):
+        assert slurm_cluster.job(jobs["preempted"]).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
+            log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.2)
+    slurm_cluster.run(["scancel", "--signal=USR1", jobs["preempted"]])
+    slurm_cluster.wait(jobs["preempted"], timeout=120,
+                       until=lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING")
+    out = runs["preempted"] / "run"
+    stop_step = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("global_step"))
+    assert 20 <= stop_step < steps, log.read_text()[-3000:]
+    first = json.loads((out / "checkpoints" / f"global_step{stop_step}" / "xlpipe" / "meta.json").read_text())
+    assert first["world_size"] == 2
+    slurm_cluster.release(jobs["preempted"])
+    for name, job in jobs.items():
+        info = slurm_cluster.wait(job, timeout=400)
+        assert info["JobState"] == "COMPLETED", (repo / "logs" / f"xlpipe-train-{job}.out").read_text()[-4000:]
+    text = log.read_text()
+    assert f"resumed from {out / 'checkpoints' / f'global_step{stop_step}'} at step {stop_step}" in text
+    assert text.count("nodes 2 [127.0.0.[1-2]]") == 2          # both runs on both nodes
+    final = out / "checkpoints" / f"global_step{steps}"
+    assert_same_weights(weights(final), weights(runs["straight"] / "run" / "checkpoints" / f"global_step{steps}"))
+    meta = json.loads((final / "xlpipe" / "meta.json").read_text())
+    assert meta["mlflow_run_id"] == first["mlflow_run_id"]
+    status, tags, logged, n_runs = _run_of(runs["preempted"] / "mlflow.db", meta["mlflow_run_id"])
+    assert status == "FINISHED" and n_runs == 1 and tags["slurm_restart_count"] == "1" and logged[-1] == steps
