@@ -41,7 +41,7 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.runtime.checkpoint import load_meta
 from pipeline.runtime.exports import resolve_checkpoint
-from pipeline.runtime.tracking import tracking_uri
+from pipeline.runtime.tracking import tracking_uri, ui_url
 
 config, export_dir, seconds, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 cfg = load_config(config, overrides)
@@ -75,7 +75,7 @@ run_id = meta.mlflow_run_id
 if run_id:
     import mlflow
     exp = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
-    print(f"MLflow: `make ui`, then http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id} "
+    print(f"MLflow: `make ui`, then {ui_url('http://127.0.0.1:5000', exp, run_id)} "
           f"(evaluation runs are nested under it; store {uri})")
 print(f"demo took {seconds // 60} min {seconds % 60} s")
 EOF
