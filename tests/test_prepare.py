@@ -15,26 +15,18 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data.corpora import CorpusError
-from pipeline.data.shards import Manifest, ShardError, ShardReader, SplitTokens
+from pipeline.data.shards import ShardError, ShardReader
 from pipeline.data.tokenizers import TokenizerError, load_tokenizer
 from pipeline.prepare import PrepareError, main, prepare
 
 from corpus_fixtures import make_bytes_file, make_lm1b, make_ptb, make_text, make_wt103, ref_encode, ref_vocab
+from train_fixtures import split_tokens
 
 SPLITS = ("train", "valid", "test")
 
 
 def config(out: Path, *overrides: str):
     return load_config(None, [f"data.output={out}", *overrides])
-
-
-def split_tokens(out: Path, split: str) -> np.ndarray:
-    manifest = Manifest.load(out)
-    reader = SplitTokens(out, manifest, split)
-    try:
-        return reader.read(0, len(reader))
-    finally:
-        reader.close()
 
 
 def file_lines(path: Path) -> list[str]:

@@ -25,12 +25,12 @@ from test_evaluate import make_export
 from pipeline.config import ConfigError, DataConfig, load_config
 from pipeline.data.prepare.units import PrepareError
 from pipeline.data.remote import ShardChecksumError, shard_dir, stage
-from pipeline.data.shards import REMOTE_MARKER, Manifest, ShardError, SplitTokens
+from pipeline.data.shards import REMOTE_MARKER, Manifest, ShardError
 from pipeline.data.streams import open_streams
 from pipeline.evaluate import evaluate
 from pipeline.prepare import prepare
 
-from train_fixtures import REPO, TINY, launch, make_shards
+from train_fixtures import REPO, TINY, launch, make_shards, split_tokens
 
 CONFIG = REPO / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,15 +85,6 @@ def serve(root: Path, corrupt=(), delay: float = 0.0):
         thread.join()
 
 
-def split_ids(root: Path, split: str) -> np.ndarray:
-    manifest = Manifest.load(root)
-    tokens = SplitTokens(root, manifest, split)
-    try:
-        return tokens.read(0, len(tokens))
-    finally:
-        tokens.close()
-
-
 def leftovers(cache: Path) -> list[str]:
     """Temp files of a download in the cache (none may survive)."""
     return sorted(str(p.relative_to(cache)) for p in cache.rglob("*.part"))
@@ -143,13 +134,13 @@ def test_an_http_url_reads_the_directory_s_tokens_from_verified_copies(shards, t
         assert Manifest.load(cache).sha256() == Manifest.load(shards).sha256()
         assert sorted(gets) == ["manifest.json", "tokenizer.json"]      # shards wait until they are read
         for split in ("train", "valid", "test"):
-            assert np.array_equal(split_ids(cache, split), split_ids(shards, split))
+            assert np.array_equal(split_tokens(cache, split), split_tokens(shards, split))
         files = {s.file for split in Manifest.load(shards).splits.values() for s in split.shards}
         assert len(files) > 3 and sorted(gets) == sorted(["manifest.json", "tokenizer.json", *files])
         assert all(filecmp.cmp(cache / f, shards / f, shallow=False) for f in files)
         # opened again in this process: nothing is fetched again
         again = shard_dir(DataConfig(output=url, cache_dir=str(cache_root)))
-        assert again == cache and np.array_equal(split_ids(again, "valid"), split_ids(shards, "valid"))
+        assert again == cache and np.array_equal(split_tokens(again, "valid"), split_tokens(shards, "valid"))
         assert sorted(gets).count("valid/shard-000000.tar") == 1
     assert leftovers(cache) == []
 
@@ -157,7 +148,7 @@ def test_an_http_url_reads_the_directory_s_tokens_from_verified_copies(shards, t
 def test_a_pipe_command_reads_the_same_shards(shards, tmp_path):
     cache = shard_dir(DataConfig(output=f"pipe:cat {shards}/{{file}}", cache_dir=str(tmp_path)))
     for split in ("valid", "test"):
-        assert np.array_equal(split_ids(cache, split), split_ids(shards, split))
+        assert np.array_equal(split_tokens(cache, split), split_tokens(shards, split))
     assert staged(cache, "train") == set()          # never opened, never copied
     assert leftovers(cache) == []
 
@@ -191,14 +182,14 @@ def test_a_server_sending_wrong_bytes_is_a_named_error_and_leaves_nothing(shards
     with serve(shards, corrupt={name}) as (url, _):
         cache = shard_dir(DataConfig(output=url, cache_dir=str(tmp_path)))
         with pytest.raises(ShardChecksumError) as err:
-            split_ids(cache, "valid")
+            split_tokens(cache, "valid")
     msg = str(err.value)
     for part in (f"{url}/{name}", info.sha256, bad, "upload the shard directory again"):
         assert part in msg
     assert not (cache / name).exists() and leftovers(cache) == []
     with serve(shards) as (url, _):                   # a good server (another port): the same cache recovers
         assert shard_dir(DataConfig(output=url, cache_dir=str(tmp_path))) == cache
-        assert np.array_equal(split_ids(cache, "valid"), split_ids(shards, "valid"))
+        assert np.array_equal(split_tokens(cache, "valid"), split_tokens(shards, "valid"))
     assert filecmp.cmp(cache / name, shards / name, shallow=False)
 
 
@@ -302,5 +293,5 @@ def test_the_readme_webdataset_example_reads_what_shard_reader_reads(shards):
         for base in (str(shards), url, f"pipe:cat {shards}/{{file}}"):
             for split in ("train", "valid"):
                 got = scope["split_tokens"](base, split)
-                want = split_ids(shards, split)
+                want = split_tokens(shards, split)
                 assert got.dtype == want.dtype and np.array_equal(got, want), (base, split)

@@ -92,3 +92,14 @@ def finish(procs, timeout: float = 240) -> list[tuple[int, str]]:
                 p.kill()
                 p.wait()
     return out
+
+
+def split_tokens(shards: Path, split: str):
+    """Every token of a split, read through the manifest and its shards (numpy array)."""
+    from pipeline.data.shards import Manifest, SplitTokens
+
+    reader = SplitTokens(shards, Manifest.load(shards), split)
+    try:
+        return reader.read(0, len(reader))
+    finally:
+        reader.close()
