@@ -19,6 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from pipeline.config import TrackingConfig
+from pipeline.runtime.tracking import Tracker
+
+from train_fixtures import REPO, TINY, clean_env, free_port, launch, make_shards
 from ui_harness import (
     chromium,  # noqa: F401  (pytest fixture)
     get_bytes,
@@ -28,11 +33,6 @@ from ui_harness import (
     render,
     served_mlflow,
 )
-
-from pipeline.config import TrackingConfig
-from pipeline.runtime.tracking import Tracker
-
-from train_fixtures import REPO, TINY, clean_env, free_port, launch, make_shards
 
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 EXPERIMENT = "xlpipe-ui"

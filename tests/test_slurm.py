@@ -405,13 +405,14 @@ def test_pipeline_sh_runs_the_whole_chain_on_two_nodes(slurm_cluster, chain_repo
     """prepare array (2 tasks) → merge → train on 2 nodes x 1 task → evaluate → export, for real."""
     import numpy as np
     import torch
-    from test_export import load_without_deepspeed
 
     from models import build_model
     from pipeline.config import load_config
     from pipeline.prepare import prepare
     from pipeline.runtime.checkpoint import consolidated_state_dict
     from pipeline.runtime.exports import model_config
+
+    from test_export import load_without_deepspeed
 
     repo, corpus = chain_repo
     out = tmp_path / "chain"
@@ -513,10 +514,10 @@ def test_scripts_fail_before_any_task_starts(slurm_cluster, chain_repo, tmp_path
 def test_two_node_training_preempted_resumes_to_the_same_weights(slurm_cluster, chain_repo, tmp_path):
     """USR1 before the time limit: both nodes save, rank 0 requeues, the job resumes on both nodes
     and ends with the weights of an uninterrupted two-node run, in the same MLflow run."""
-    from test_train import assert_same_weights, weights
-
     from pipeline.config import load_config
     from pipeline.prepare import prepare
+
+    from test_train import assert_same_weights, weights
 
     repo, corpus = chain_repo
     steps = 600
