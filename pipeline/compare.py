@@ -12,7 +12,9 @@ then ``report.json``, ``report.md`` (a table: parameters, tokens, training time,
 per split and evaluation memory, RECL at each ratio) and plots (validation loss against tokens
 seen, from MLflow; the metric against evaluation memory; RECL's gain curves) in
 ``compare.output``, all logged to the parent run. Training is seeded, so a re-run gives the same
-numbers; a finished member (its final checkpoint present) is not trained again.
+numbers; a finished member (its final checkpoint present) is not trained again. With
+``compare.seeds`` every member is trained and evaluated once per seed and the report gives the
+mean and each seed's value (the seed-to-seed spread).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import torch
 
 from models import build_model
 from pipeline.common import XlpipeError, atomic_write_bytes, atomic_write_json
-from pipeline.config import Config, arg_parser, check_values, parse_args
+from pipeline.config import Config, arg_parser, check_values, load_config, parse_args
+from pipeline.data.remote import shard_dir
 from pipeline.data.shards import Manifest
 from pipeline.runtime import checkpoint as ckpt
 from pipeline.runtime.exports import model_config
@@ -86,19 +89,28 @@ def compare(cfg: Config, config_path: str, overrides: Sequence[str] = ()) -> dic
     names = [m.name for m in c.members]
     if len(set(names)) != len(names) or not all(names):
         raise CompareError(f"compare.members need distinct, non-empty names; got {names}")
+    if len(set(c.seeds)) != len(c.seeds):
+        raise CompareError(f"compare.seeds={list(c.seeds)} repeats a seed: give distinct seeds")
+    seeds = list(c.seeds) or [cfg.train.seed]
     out = Path(c.output)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.load(cfg.data.output)
+    manifest = Manifest.load(shard_dir(cfg.data))
     tracker = Tracker(cfg.tracking).start(run_name=cfg.tracking.run_name or "compare", params=cfg,
                                           tags={"stage": "compare", "members": ",".join(names)})
     report: dict = {"format": FORMAT, "version": VERSION, "config": str(config_path), "overrides": list(overrides),
-                    "manifest": {"sha256": manifest.sha256(), "corpus": manifest.corpus}, "members": {},
-                    "parent_run_id": tracker.run_id}
+                    "manifest": {"sha256": manifest.sha256(), "corpus": manifest.corpus}, "seeds": seeds,
+                    "members": {}, "parent_run_id": tracker.run_id}
     with tracker:
         for member in c.members:
-            report["members"][member.name] = _member(cfg, config_path, overrides, member, out, tracker)
+            runs = {seed: _member(cfg, config_path, overrides, member, _run_dir(out, member.name, seed, c.seeds),
+                                  seed, tracker) for seed in seeds}
+            report["members"][member.name] = _combine(runs)
         if c.recl and cfg.eval.recl.contexts:
-            report["recl"] = _recl(cfg, config_path, overrides, names, out)
+            recl = {seed: _recl(config_path, overrides, names,
+                                [report["members"][n]["seeds"][str(seed)]["checkpoint"] for n in names],
+                                out / ("recl" if not c.seeds else f"recl-seed-{seed}")) for seed in seeds}
+            report["recl"] = recl[seeds[0]]
+            report["recl_seeds"] = {str(seed): r["table"] for seed, r in recl.items()}
         report["plots"] = _plots(report, out, manifest)
         atomic_write_json(out / "report.json", report)
         atomic_write_bytes(out / "report.md", _markdown(report).encode())
@@ -108,17 +120,24 @@ def compare(cfg: Config, config_path: str, overrides: Sequence[str] = ()) -> dic
     return report
 
 
-def _member(cfg: Config, config_path: str, overrides: Sequence[str], member, out: Path, tracker: Tracker) -> dict:
-    run = out / member.name
-    common = [*overrides, *member.overrides, f"train.output={run}"]
-    final = run / "checkpoints" / ckpt.tag_for(cfg.train.max_steps)
+def _run_dir(out: Path, name: str, seed: int, seeds: Sequence[int]) -> Path:
+    """``<output>/<name>`` with the config's own seed; ``<output>/<name>/seed-<s>`` with compare.seeds."""
+    return out / name / f"seed-{seed}" if seeds else out / name
+
+
+def _member(cfg: Config, config_path: str, overrides: Sequence[str], member, run: Path, seed: int,
+            tracker: Tracker) -> dict:
+    common = [*overrides, *member.overrides, f"train.output={run}", f"train.seed={seed}"]
+    # A member may change the budget itself (train.max_steps=...): its final checkpoint is its own.
+    own = load_config(config_path, common)
+    final = run / "checkpoints" / ckpt.tag_for(own.train.max_steps)
     timing = run / "train_seconds.json"
     if not (final / "xlpipe" / "meta.json").is_file():
-        seconds = _stage("train", config_path, [*common, f"tracking.run_name={member.name}",
+        seconds = _stage("train", config_path, [*common, f"tracking.run_name={member.name}-seed{seed}",
                                                 f"tracking.parent_run_id={tracker.run_id or ''}"],
                          run / "train.log")
         atomic_write_json(timing, {"seconds": seconds})
-        log.info("%s: trained in %.0fs", member.name, seconds)
+        log.info("%s (seed %d): trained in %.0fs", member.name, seed, seconds)
     seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
     meta = ckpt.load_meta(final)
     rows = {}
@@ -139,12 +158,44 @@ def _member(cfg: Config, config_path: str, overrides: Sequence[str], member, out
             "valid_curve": _valid_curve(tracker, meta.mlflow_run_id, tokens_per_step)}
 
 
-def _recl(cfg: Config, config_path: str, overrides: Sequence[str], names: list[str], out: Path) -> dict:
-    sources = [str(out / n / "checkpoints" / ckpt.tag_for(cfg.train.max_steps)) for n in names]
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _combine(runs: dict[int, dict]) -> dict:
+    """One member over its seeds: the first seed's description, each metric's mean over the seeds
+    with every seed's value beside it (``<metric>_seeds``), the mean validation curve, and each
+    seed's own result under ``seeds``."""
+    first = next(iter(runs.values()))
+    member = {k: first[k] for k in ("family", "overrides", "parameters", "tokens_seen", "steps")}
+    member["run"], member["checkpoint"], member["mlflow_run_id"] = first["run"], first["checkpoint"], \
+        first["mlflow_run_id"]
+    times = [r["train_seconds"] for r in runs.values()]
+    member["train_seconds"] = None if None in times else _mean(times)
+    member["eval"] = {}
+    for split, rows in first["eval"].items():
+        member["eval"][split] = []
+        for i, row in enumerate(rows):
+            each = [r["eval"][split][i] for r in runs.values()]
+            combined = {"mem_len": row["mem_len"], "tokens": row["tokens"]}
+            for key, value in row.items():
+                if key not in combined and isinstance(value, (int, float)):
+                    combined[key] = _mean([e[key] for e in each])
+                    combined[f"{key}_seeds"] = [e[key] for e in each]
+            member["eval"][split].append(combined)
+    curves = [r["valid_curve"] for r in runs.values()]
+    same_steps = all([p[0] for p in c] == [p[0] for p in curves[0]] for c in curves)
+    member["valid_curve"] = ([[p[0], _mean([c[i][1] for c in curves])] for i, p in enumerate(curves[0])]
+                             if same_steps else curves[0])
+    member["seeds"] = {str(seed): r for seed, r in runs.items()}
+    return member
+
+
+def _recl(config_path: str, overrides: Sequence[str], names: list[str], sources: list[str], out: Path) -> dict:
     _stage("evaluate", config_path, [*overrides, "eval.perplexity=false", f"eval.recl.sources=[{','.join(sources)}]",
-                                     f"eval.recl.names=[{','.join(names)}]", f"eval.output={out / 'recl'}",
-                                     "tracking.enabled=false"], out / "recl.log")
-    report = sorted((out / "recl").glob("*.json"), key=lambda p: p.stat().st_mtime)[-1]
+                                     f"eval.recl.names=[{','.join(names)}]", f"eval.output={out}",
+                                     "tracking.enabled=false"], out.parent / f"{out.name}.log")
+    report = sorted(out.glob("*.json"), key=lambda p: p.stat().st_mtime)[-1]
     return json.loads(report.read_text())["recl"]
 
 
@@ -180,7 +231,11 @@ def _plots(report: dict, out: Path, manifest: Manifest) -> dict:
         metric = _metric(next(iter(members.values()))["eval"][split])
         for name, m in members.items():
             rows = sorted(m["eval"][split], key=lambda r: r["mem_len"])
-            ax.plot([r["mem_len"] for r in rows], [r[metric] for r in rows], marker="o", label=name)
+            x, y = [r["mem_len"] for r in rows], [r[metric] for r in rows]
+            # Over several seeds the bars span the lowest and the highest seed.
+            spread = [[v - min(r.get(f"{metric}_seeds", [v])) for r, v in zip(rows, y)],
+                      [max(r.get(f"{metric}_seeds", [v])) - v for r, v in zip(rows, y)]]
+            ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=name)
         ax.set(xlabel="evaluation memory (mem_len)", ylabel=f"{split} {metric}", title=f"{manifest.corpus}: {split}")
         ax.legend()
         fig.tight_layout()
@@ -206,14 +261,26 @@ def _markdown(report: dict) -> str:
         cells = [name, m["family"], f"{m['parameters']:,}", f"{m['tokens_seen']:,}",
                  "-" if m["train_seconds"] is None else f"{m['train_seconds']:.0f}"]
         for split in splits:
-            cells.append(", ".join(f"{r[metric]:.3f} ({r['mem_len']})" for r in m["eval"][split]))
+            cells.append(", ".join(f"{_with_spread(r, metric)} ({r['mem_len']})" for r in m["eval"][split]))
+        tables = report.get("recl_seeds") or ({"-": report["recl"]["table"]} if "recl" in report else {})
         for r in ratios:
-            res = report["recl"]["table"]["models"].get(name, {}).get(str(r))
-            cells.append("-" if res is None else ("≥" if res["capped"] else "") + str(res["recl"]))
+            found = [t["models"].get(name, {}).get(str(r)) for t in tables.values()]
+            cells.append("/".join("-" if res is None else ("≥" if res["capped"] else "") + str(res["recl"])
+                                  for res in found))
         lines.append("| " + " | ".join(cells) + " |")
+    seeds = report.get("seeds", [])
+    spread = (f" Over seeds {', '.join(map(str, seeds))}: each value is the mean ± half the range between the "
+              f"seeds; RECL gives each seed's value." if len(seeds) > 1 else "")
     return (f"# Comparison on {report['manifest']['corpus']}\n\nConfig `{report['config']}`, shards "
-            f"{report['manifest']['sha256'][:12]}…, the same budget and evaluation for every member.\n\n"
+            f"{report['manifest']['sha256'][:12]}…, the same budget and evaluation for every member.{spread}\n\n"
             + "\n".join(lines) + "\n")
+
+
+def _with_spread(row: dict, metric: str) -> str:
+    each = row.get(f"{metric}_seeds", [])
+    if len(each) < 2:
+        return f"{row[metric]:.3f}"
+    return f"{row[metric]:.3f} ±{(max(each) - min(each)) / 2:.3f}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

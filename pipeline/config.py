@@ -233,6 +233,9 @@ class CompareConfig:
     members: List[CompareEntry] = field(default_factory=list)
     splits: List[str] = field(default_factory=lambda: ["valid", "test"])
     recl: bool = True                # RECL over the members (eval.recl.contexts / ratios / positions)
+    # []: train.seed alone. Two or more: every member trained and evaluated once per seed (in
+    # <output>/<name>/seed-<s>/), the report giving the mean and each seed's value (the spread).
+    seeds: List[int] = field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -345,6 +348,7 @@ ITEM_RANGES: dict[str, tuple] = {
     "eval.recl.ratios": ((lambda v: 0.0 < v <= 1.0), "in (0, 1]"),
     "train.betas": _within(0.0, 1.0, hi_open=True),
     "data.sort_sequences": _ge(1),
+    "compare.seeds": _ge(0),
 }
 
 

@@ -15,8 +15,8 @@ from train_fixtures import TINY, make_shards
 pytestmark = pytest.mark.slow
 
 
-def write_config(tmp_path, shards, out) -> str:
-    cfg = {"compare": {"output": str(out), "splits": ["valid"],
+def write_config(tmp_path, shards, out, seeds=()) -> str:
+    cfg = {"compare": {"output": str(out), "splits": ["valid"], "seeds": list(seeds),
                        "members": [{"name": "txl", "overrides": []},
                                    {"name": "lstm", "overrides": ["model.family=lstm", "model.lstm.proj_size=16"]}]},
            "eval": {"tgt_len": 8, "n_streams": 2, "mem_lens": [0, 8], "warm_tokens": 0, "max_steps": 5,
@@ -26,11 +26,11 @@ def write_config(tmp_path, shards, out) -> str:
     return str(path)
 
 
-def run_compare(tmp_path, shards, name: str, db) -> dict:
+def run_compare(tmp_path, shards, name: str, db, seeds=()) -> dict:
     from pipeline.compare import compare
 
     out = tmp_path / name
-    config = write_config(tmp_path, shards, out)
+    config = write_config(tmp_path, shards, out, seeds)
     overrides = [f"data.output={shards}", *TINY, "train.max_steps=4", "train.save_every=4", "train.eval_every=2",
                  "tracking.enabled=true", f"tracking.uri=sqlite:///{db}", "tracking.system_metrics=false",
                  "tracking.experiment=test-compare"]
@@ -59,8 +59,29 @@ def test_compare_trains_evaluates_and_reports(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     for m in members.values():
         assert client.get_run(m["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == report["parent_run_id"]
-    # The same seeds, a fresh directory: the same numbers.
-    again = run_compare(tmp_path, shards, "b", db)
+    # Two seeds in a fresh directory: the config's own seed (1111) gives the same numbers as above
+    # (seeded training), the other seed different ones, and the report's value is their mean.
+    again = run_compare(tmp_path, shards, "b", db, seeds=[1111, 7])
+    assert again["seeds"] == [1111, 7]
     for name in members:
-        assert again["members"][name]["eval"] == members[name]["eval"]
-    assert json.loads((tmp_path / "b" / "report.json").read_text())["members"]["txl"]["eval"] == members["txl"]["eval"]
+        by_seed = again["members"][name]["seeds"]
+        assert by_seed["1111"]["eval"] == members[name]["seeds"]["1111"]["eval"]
+        assert by_seed["7"]["eval"] != by_seed["1111"]["eval"]
+        for row, a, b in zip(again["members"][name]["eval"]["valid"], by_seed["1111"]["eval"]["valid"],
+                             by_seed["7"]["eval"]["valid"]):
+            assert row["loss_seeds"] == [a["loss"], b["loss"]]
+            assert row["loss"] == pytest.approx((a["loss"] + b["loss"]) / 2, abs=1e-12)
+        assert (tmp_path / "b" / name / "seed-7" / "checkpoints").is_dir()
+    assert set(again["recl_seeds"]) == {"1111", "7"}
+    assert again["recl_seeds"]["1111"] == report["recl"]["table"]
+    saved = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert saved["members"]["txl"]["seeds"]["1111"]["eval"] == members["txl"]["seeds"]["1111"]["eval"]
+    assert "±" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_compare_refuses_repeated_seeds(tmp_path):
+    from pipeline.compare import CompareError, compare
+
+    config = write_config(tmp_path, None, tmp_path / "out", seeds=[3, 3])
+    with pytest.raises(CompareError, match="repeats a seed"):
+        compare(load_config(config, ["tracking.enabled=false"]), config)
