@@ -71,3 +71,29 @@ def test_deepspeed_batch_arithmetic():
         deepspeed_config(TrainConfig(n_streams=10), world_size=4)
     with pytest.raises(ConfigError, match="zero_stage"):
         deepspeed_config(TrainConfig(zero_stage=4), world_size=1)
+
+
+def test_adam_kernel_choice():
+    """Fused kernels only on CUDA with train.fused_optimizer; apex first only when importable."""
+    from pipeline.runtime.optim import adam_kernels
+
+    assert adam_kernels(on_cuda=True, fused=True, apex_available=True) == ("apex", "deepspeed", "torch_fused")
+    assert adam_kernels(on_cuda=True, fused=True, apex_available=False) == ("deepspeed", "torch_fused")
+    for on_cuda, fused in ((True, False), (False, True), (False, False)):
+        assert adam_kernels(on_cuda, fused, apex_available=True) == ("torch",)
+
+
+def test_cpu_builds_plain_adam_and_the_torch_fused_fallback_is_real():
+    from pipeline.runtime.optim import _adam, apex_optimizers_available
+
+    assert not apex_optimizers_available()          # NVIDIA apex is never installed here
+    cfg = TrainConfig(fused_optimizer=True)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, on_cuda=False)
+    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+    # The last CUDA fallback is torch's own fused kernel (torch runs it on CPU too): one real step.
+    p = torch.nn.Parameter(torch.ones(3))
+    fused = _adam(("torch_fused",), [p], TrainConfig(lr=0.1), adam_w_mode=True)
+    assert type(fused) is torch.optim.AdamW and fused.defaults["fused"]
+    p.grad = torch.ones(3)
+    fused.step()
+    assert torch.allclose(p.detach(), torch.full((3,), 0.9), atol=1e-6)   # Adam's first step moves by lr

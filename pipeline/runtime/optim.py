@@ -44,31 +44,47 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, sched)
 
 
-def _fused_adam(params, cfg: TrainConfig, adam_w_mode: bool):
-    """apex's FusedAdam when installed, else DeepSpeed's, else torch's fused kernel."""
+def adam_kernels(on_cuda: bool, fused: bool, apex_available: bool) -> tuple[str, ...]:
+    """The Adam implementations to try, in order: on CUDA with ``train.fused_optimizer``, apex's
+    FusedAdam (when importable), DeepSpeed's (its CUDA op may fail to build), torch's fused
+    kernel; otherwise torch's plain (foreach) Adam. A pure function so the choice is testable on CPU."""
+    if not (on_cuda and fused):
+        return ("torch",)
+    return (("apex",) if apex_available else ()) + ("deepspeed", "torch_fused")
+
+
+def apex_optimizers_available() -> bool:
+    """NVIDIA apex's optimizers importable (the unrelated PyPI package ``apex`` has none)."""
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore  # noqa: F401
+    except Exception:   # absent, or another package named apex that fails in its own way
+        return False
+    return True
+
+
+def _adam(kernels: tuple[str, ...], params, cfg: TrainConfig, adam_w_mode: bool):
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    try:
-        from apex.optimizers import FusedAdam  # type: ignore
-
-        return FusedAdam(params, adam_w_mode=adam_w_mode, **kw)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(params, adam_w_mode=adam_w_mode, **kw)
-    except Exception as exc:  # the CUDA op may not build on this machine
-        log.warning("DeepSpeed FusedAdam unavailable (%s); using torch's fused Adam", exc)
     cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
-    return cls(params, fused=True, **kw)
+    for kind in kernels:
+        if kind == "apex":
+            from apex.optimizers import FusedAdam  # type: ignore
+
+            return FusedAdam(params, adam_w_mode=adam_w_mode, **kw)
+        if kind == "deepspeed":
+            try:
+                from deepspeed.ops.adam import FusedAdam
+
+                return FusedAdam(params, adam_w_mode=adam_w_mode, **kw)
+            except Exception as exc:  # the CUDA op may not build on this machine
+                log.warning("DeepSpeed FusedAdam unavailable (%s); using torch's fused Adam", exc)
+        elif kind == "torch_fused":
+            return cls(params, fused=True, **kw)
+    return cls(params, **kw)
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, on_cuda: bool) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    adam_w = cfg.optimizer == "adamw"
-    if on_cuda and cfg.fused_optimizer:
-        return _fused_adam(params, cfg, adam_w)
-    cls = torch.optim.AdamW if adam_w else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    apex = on_cuda and cfg.fused_optimizer and apex_optimizers_available()
+    return _adam(adam_kernels(on_cuda, cfg.fused_optimizer, apex), params, cfg, cfg.optimizer == "adamw")
