@@ -98,6 +98,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr (reference PyTorch 0, TF 0.01)
     clip: float = 0.25               # global grad-norm clip; 0 disables
     fused_optimizer: bool = True     # on CUDA: DeepSpeed's (or apex's) fused Adam/AdamW
+    tf32: bool = True                # fp32 on CUDA: TF32 matmuls/convolutions (false: strict fp32); no effect on CPU
+    # torch.compile the model (in place, so checkpoint keys are unchanged; static shapes: one
+    # compilation per segment / memory length). Off by default: see README "GPU paths".
+    compile: bool = False
     # Rae et al.'s alternative to a lower learning rate late in training: from update
     # late_update_step on, one optimizer update per late_update_every segments of every stream
     # (gradients accumulated over them; 1: off). Steps count updates everywhere.
@@ -168,6 +172,7 @@ class EvalConfig:
     max_steps: int = 0               # 0: the whole split; else the first max_steps segments of every stream
     mem_lens: List[int] = field(default_factory=list)   # sweep: one evaluation per memory length, plus a plot
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"     # model weights on the device (NLL sums stay fp64)
+    tf32: bool = False               # fp32 on CUDA: TF32 matmuls (faster; off keeps the figures strict fp32)
     # where attention goes (segment / memory / compressed memory, each in age buckets), also in
     # training's validation; 0: not measured
     attention_buckets: int = 6
@@ -400,6 +405,10 @@ def check_values(cfg: "Config") -> None:
         raise ConfigError(f"data.sort_sequences={cfg.data.sort_sequences} must hold three counts (train, valid, test)")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"train.betas={cfg.train.betas} must hold two values (beta1, beta2)")
+    if cfg.train.compile and cfg.train.zero_stage == 3:
+        # the compiled graph sees ZeRO-3's empty parameter partitions: its gather hooks never run
+        raise ConfigError("train.compile=true does not run with train.zero_stage=3 (torch.compile traces the "
+                          "partitioned, empty parameters); use zero_stage 0-2 or train.compile=false")
     check_data_location(cfg.data)
     if cfg.data.valid_fraction + cfg.data.test_fraction >= 1.0:
         raise ConfigError(f"data.valid_fraction + data.test_fraction = "

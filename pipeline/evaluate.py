@@ -60,6 +60,7 @@ from pipeline.evaluation.sources import (
     write_dump,
 )
 from pipeline.runtime import distributed
+from pipeline.runtime.engine import apply_tf32
 from pipeline.runtime.exports import is_export, resolve_checkpoint, run_dir_of
 from pipeline.runtime.shard_check import verify_splits
 from pipeline.runtime.stage import exit_now, run_stage
@@ -138,6 +139,7 @@ def evaluate(cfg: Config) -> dict:
     rank = distributed.get_rank()
     device = _device()
     dtype = DTYPES[e.dtype]
+    apply_tf32(device.type, e.dtype, e.tf32)     # off by default: reported figures stay strict fp32
     shards = shard_dir(cfg.data)       # data.output, or a URL's node-local cache
     manifest = Manifest.load(shards)
     kind = manifest.tokenizer["kind"]

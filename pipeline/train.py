@@ -40,7 +40,7 @@ from pipeline.data.streams import Batch, open_streams
 from pipeline.evaluation.scoring import score_split, summarize, unwrap
 from pipeline.runtime import checkpoint as ckpt
 from pipeline.runtime import distributed
-from pipeline.runtime.engine import build_engine, check_precision, engine_dtype, grad_norm, loss_scale
+from pipeline.runtime.engine import apply_tf32, build_engine, check_precision, engine_dtype, grad_norm, loss_scale
 from pipeline.runtime.rank_state import Generators, RankState, StreamCursors, StreamMemory, save_states
 from pipeline.runtime.resume import ResumePoint, find_resume, restore
 from pipeline.runtime.shard_check import verify_splits
@@ -203,6 +203,12 @@ class Run:
         model = build_model(cfg.model)
         self.engine, ds_config = build_engine(cfg, model, self.world, load_universal=bool(point and point.universal))
         self.module, self.device = self.engine.module, self.engine.device
+        apply_tf32(self.device.type, t.precision, t.tf32)
+        if t.compile:
+            # DeepSpeed compiles its module in place (nn.Module.compile): no ``_orig_mod.`` prefix
+            # in any state dict. Static shapes: the first segment's empty memory, the full one and
+            # validation's lengths each compile once (dynamic shapes fail in inductor here).
+            self.engine.compile(compile_kwargs={"dynamic": False})
         self.memory_dtype = engine_dtype(self.engine)
         _seed(t.seed + self.rank)
 

@@ -472,3 +472,20 @@ def test_changed_shards_are_refused_on_resume(runs):
     out = launch(1, ["-m", "pipeline.train", *args], cwd=REPO)
     assert out[0][0] == 1
     assert "are not the ones checkpoint" in out[0][1] and "splits.train.tokens" in out[0][1], out[0][1][-2000:]
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_compile_gives_the_same_losses_and_checkpoint_keys(runs):
+    """train.compile=true on one rank: the eager run's losses and validation (dropout off: the
+    compiled graph draws its own dropout masks) and the same checkpoint keys, no ``_orig_mod.``."""
+    args = ["model.dropout=0.0", "train.max_steps=4", "train.save_every=0", "train.eval_every=4"]
+    eager = runs.run("compile-off", args, world=1, record=False)[0]
+    compiled = runs.run("compile-on", [*args, "train.compile=true"], world=1, record=False)[0]
+    assert len(eager["losses"]) == 4
+    np.testing.assert_allclose(compiled["losses"], eager["losses"], rtol=0, atol=1e-5)
+    assert abs(compiled["valid"]["loss"] - eager["valid"]["loss"]) <= 1e-5
+    w_eager, w_compiled = weights(runs.ckpt("compile-off", 4)), weights(runs.ckpt("compile-on", 4))
+    assert w_compiled.keys() == w_eager.keys() and not any("_orig_mod" in k for k in w_compiled)
+    assert_same_weights(w_compiled, w_eager, atol=1e-5)

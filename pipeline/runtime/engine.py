@@ -42,6 +42,25 @@ def check_precision(precision: str) -> None:
                           f"oneDNN fp16 support: AVX512-FP16 or AMX-FP16); use one of {others}")
 
 
+def choose_tf32(device_type: str, precision: str, enabled: bool) -> Optional[bool]:
+    """TF32 for fp32 matmuls and convolutions: ``enabled`` on CUDA in fp32 (tf32=false switches
+    cuDNN's default-on TF32 off too); None (torch's settings untouched) on CPU, where there is
+    no TF32, and under bf16/fp16, whose matmuls do not run in fp32."""
+    if device_type != "cuda" or precision != "fp32":
+        return None
+    return enabled
+
+
+def apply_tf32(device_type: str, precision: str, enabled: bool) -> Optional[bool]:
+    """Set torch's process-wide TF32 flags as ``choose_tf32`` says; returns the choice."""
+    on = choose_tf32(device_type, precision, enabled)
+    if on is not None:
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+        log.info("TF32 matmuls %s (fp32 on CUDA)", "on" if on else "off")
+    return on
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int,
                  load_universal: bool = False) -> tuple[Any, dict]:
     """``(engine, ds_config)``; the JSON is also what the run saves and tracks."""
