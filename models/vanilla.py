@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from models import documents
 from models.base import LanguageModel, ModelOutput, span_keeping_mem_len
 from models.memory import Memory
+from models.modules.attention import KernelChoice, choose_attention
 from models.modules.layers import PositionwiseFF, layer_norm, linear
 
 if TYPE_CHECKING:          # models.config nests VanillaConfig, so it imports this module
@@ -84,7 +85,7 @@ class VanillaMemory(Memory):
     tokens: Optional[Tensor] = None
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(KernelChoice, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.d_head = cfg.n_head, cfg.d_head
@@ -95,9 +96,15 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, attend: Optional[Tensor] = None) -> Tensor:
         """``attend [B, 1, t, t]`` (bool, True = visible): a causal mask with document boundaries."""
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=self.dropatt if self.training else 0.0,
-                                           is_causal=attend is None)
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)  # 3 x [b, H, t, D]
+        p = self.dropatt if self.training else 0.0
+        if choose_attention(False, False, self.kernel) == "sdpa":   # content only: no probabilities kept
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p, is_causal=attend is None)
+        else:      # the same attention written out (the reference for SDPA's)
+            visible = attend if attend is not None else torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            score = (q @ k.transpose(-1, -2)).mul_(self.d_head ** -0.5).masked_fill_(~visible, float("-inf"))
+            prob = F.dropout(torch.softmax(score, dim=-1, dtype=torch.float32).to(v.dtype), p, self.training)
+            y = prob @ v                                                                       # [b, H, t, D]
         return self.out(y.transpose(1, 2).reshape(b, t, self.n_head * self.d_head))
 
 

@@ -18,6 +18,10 @@ reference projects memory rows too and throws those queries away). The 1/sqrt(d_
 is folded into the queries; the score tensor is written once by the masked positional term,
 accumulated into by the content GEMM and read by the softmax. Nothing here synchronises
 with the host: masks are additive tensors built without data-dependent branches.
+
+Content-only attention (``AbsoluteAttention``, the vanilla family's) runs through torch's
+``scaled_dot_product_attention`` (FlashAttention / memory-efficient kernels on CUDA) unless
+``choose_attention`` says the explicit softmax is needed; see there.
 """
 from __future__ import annotations
 
@@ -64,7 +68,39 @@ def same_length_window(mem_len: int, keys: str) -> int:
     raise ValueError(f"same_length_keys={keys!r}: choose 'mem_len' (reference) or 'mem_len+1' (NVIDIA/TF)")
 
 
-class _MemoryAttention(nn.Module):
+KERNELS = ("sdpa", "explicit")
+
+
+def choose_attention(positional: bool, keep_probs: bool, forced: Optional[str] = None) -> str:
+    """``"sdpa"`` or ``"explicit"`` for one attention call.
+
+    explicit when a relative positional score is added (SDPA would need it materialised as a
+    float mask: no gain) or when the probabilities are requested (``keep_probs``: attention
+    diagnostics, the Compressive Transformer's most-used compression); else SDPA, on every
+    device (on CPU it measured no slower). ``forced`` (a module's ``kernel``) overrides both
+    checks for SDPA only where SDPA can express the call."""
+    if forced is not None and forced not in KERNELS:
+        raise ValueError(f"attention kernel {forced!r}: choose one of {KERNELS} (or None: chosen per call)")
+    if positional or keep_probs or forced == "explicit":
+        return "explicit"
+    return "sdpa"
+
+
+class KernelChoice:
+    """An attention module whose kernel ``set_attention_kernel`` can force (None: chosen per call)."""
+
+    kernel: Optional[str] = None
+
+
+def set_attention_kernel(model: nn.Module, kernel: Optional[str]) -> None:
+    """Force ``"sdpa"`` / ``"explicit"`` (or None: the default choice) in every attention module."""
+    choose_attention(False, False, kernel)      # validates the name
+    for m in model.modules():
+        if isinstance(m, KernelChoice):
+            m.kernel = kernel
+
+
+class _MemoryAttention(KernelChoice, nn.Module):
     """Shared projections, softmax and output block; subclasses add the position terms.
 
     With ``keep_probs`` set, each forward leaves its attention probabilities (before dropout,
@@ -120,6 +156,12 @@ class _MemoryAttention(nn.Module):
         klen = k.size(2)
         if mask.dtype == torch.bool:
             mask = additive_mask(mask, q.dtype)
+        if choose_attention(pos_score is not None, self.keep_probs, self.kernel) == "sdpa":
+            if mask.dim() == 3:
+                mask = mask.unsqueeze(1)        # [B, 1, q, k], broadcast over heads
+            p = self.dropatt.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)  # q is scaled
+            return out.transpose(1, 2).flatten(2)                                                  # [B, q, H·D]
         if mask.dim() == 3:     # one mask per row (document boundaries): [B, q, k]
             mask = mask.unsqueeze(1).expand(B, H, qlen, klen).reshape(B * H, qlen, klen)
         q3, k3t, v3 = q.view(B * H, qlen, D), k.view(B * H, klen, D).transpose(1, 2), v.view(B * H, klen, D)

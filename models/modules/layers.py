@@ -1,7 +1,9 @@
 """Small building blocks shared by the model families.
 
-``layer_norm`` and ``linear`` are the one place that picks NVIDIA apex's fused kernels:
-when apex is importable and CUDA is available, else the torch modules. Parameter names
+``layer_norm`` and ``linear`` are the one place that picks NVIDIA apex's fused kernels
+(``choose_layer_norm`` / ``choose_linear``): apex's when it is importable and the model is
+built on a CUDA machine (the trainer and evaluation then run it on CUDA; apex's FusedLayerNorm
+itself falls back to ``F.layer_norm`` for CPU tensors), else the torch modules. Parameter names
 are the same either way (``weight``, ``bias``), so checkpoints move freely between the two.
 apex is an optional extra built from source; the PyPI package named ``apex`` is unrelated.
 """
@@ -9,32 +11,44 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+_APEX = {"layer_norm": ("apex.normalization", "FusedLayerNorm"), "dense": ("apex.fused_dense", "FusedDense")}
+
 
 @functools.lru_cache(maxsize=None)
-def apex_fused() -> dict:
-    """apex's fused modules when usable here, else an empty dict."""
-    if not torch.cuda.is_available():
-        return {}
+def apex_modules() -> dict:
+    """NVIDIA apex's fused classes that import here (``{"layer_norm": FusedLayerNorm, ...}``).
+    The PyPI ``apex`` has no such submodules; a broken install counts as absent."""
     found = {}
-    try:
-        from apex.normalization import FusedLayerNorm  # type: ignore
-
-        found["layer_norm"] = FusedLayerNorm
-    except ImportError:
-        pass
-    try:
-        from apex.fused_dense import FusedDense  # type: ignore
-
-        found["dense"] = FusedDense
-    except ImportError:
-        pass
+    for kind, (module, name) in _APEX.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                found[kind] = getattr(importlib.import_module(module), name)
+        except Exception:   # no apex, another package named apex, or apex built without its CUDA parts
+            pass
     return found
+
+
+def build_device() -> str:
+    """Where a model built now will run: the pipeline moves it to CUDA whenever CUDA is available."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def choose_layer_norm(device_type: str, apex_available: bool) -> str:
+    """``"apex"`` (FusedLayerNorm) on CUDA when apex's is importable, else ``"torch"``."""
+    return "apex" if device_type == "cuda" and apex_available else "torch"
+
+
+def choose_linear(device_type: str, apex_available: bool, bias: bool) -> str:
+    """``"apex"`` (FusedDense: GEMM + bias in one kernel, used for half-precision CUDA inputs)
+    on CUDA when importable and the layer has a bias, else ``"torch"``."""
+    return "apex" if device_type == "cuda" and apex_available and bias else "torch"
 
 
 class _Freezable:
@@ -73,18 +87,24 @@ class LayerNorm(_Freezable, nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self._p("weight"), self._p("bias"), self.eps)
 
 
-def layer_norm(d: int, eps: float = 1e-5) -> nn.Module:
-    fused = apex_fused().get("layer_norm")
-    if fused is None:
-        return LayerNorm(d, eps=eps)
+@functools.lru_cache(maxsize=None)
+def _fused_layer_norm(base: type) -> type:
+    """apex's LayerNorm class (``base``) made freezable: ``weights_detached`` runs F.layer_norm."""
 
-    class FusedLayerNorm(_Freezable, fused):  # apex falls back to F.layer_norm for CPU tensors by itself
+    class FusedLayerNorm(_Freezable, base):
         def forward(self, x: Tensor) -> Tensor:
             if self.frozen:
                 return F.layer_norm(x, self.normalized_shape, self._p("weight"), self._p("bias"), self.eps)
             return super().forward(x)
 
-    return FusedLayerNorm(d, eps=eps)
+    return FusedLayerNorm
+
+
+def layer_norm(d: int, eps: float = 1e-5) -> nn.Module:
+    fused = apex_modules().get("layer_norm")
+    if choose_layer_norm(build_device(), fused is not None) == "apex":
+        return _fused_layer_norm(fused)(d, eps=eps)
+    return LayerNorm(d, eps=eps)
 
 
 class Linear(_Freezable, nn.Linear):
@@ -104,7 +124,7 @@ class _FusedDenseOrLinear(Linear):
 
 
 def linear(d_in: int, d_out: int, bias: bool = True) -> nn.Linear:
-    if bias and "dense" in apex_fused():
+    if choose_linear(build_device(), "dense" in apex_modules(), bias) == "apex":
         return _FusedDenseOrLinear(d_in, d_out, bias=True)
     return Linear(d_in, d_out, bias=bias)
 
