@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+
 from test_train import Runs, assert_same_weights, per_stream, weights
 
 pytestmark = pytest.mark.slow
