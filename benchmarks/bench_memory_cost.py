@@ -13,10 +13,12 @@ a fixed context (64 segments). Peak memory on CPU is not measured: the memory st
 bytes stands for what grows with context.
 
     .venv/bin/python benchmarks/bench_memory_cost.py      # writes benchmarks/results/memory_cost.{json,png}
+    .venv/bin/python benchmarks/bench_memory_cost.py --families lstm,gpt2_ltm   # re-measure some, keep the rest
 """
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from machine import machine_info, timed, write_result  # noqa: E402  (benchmarks
 
 from models import ModelConfig, build_model  # noqa: E402
 from models.compressive import CompressiveConfig  # noqa: E402
+from models.gpt2_ltm import GPT2LTMConfig  # noqa: E402
 from models.infinite_former import InfiniteFormerConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,11 +51,32 @@ def family_configs(memory: int = MEMORY) -> dict[str, ModelConfig]:
                                        infinite_former=InfiniteFormerConfig(n_basis=2 * memory, widths=[0.01, 0.05],
                                                                             n_samples=memory)),
         "vanilla": ModelConfig(family="vanilla", **(BASE | {"attn_type": "learned", "mem_len": SEGMENT - 1})),
+        # The LSTM's state is its memory: the same size whatever the context (mem_len only marks it).
+        "lstm": ModelConfig(family="lstm", **(BASE | {"n_layer": 2, "mem_len": 1})),
+        # A random GPT-2 of the same size: a window of the previous 128 tokens recomputed per
+        # segment, plus the ∞-former's long-term memory (2 x `memory` basis functions) in every layer.
+        "gpt2_ltm": ModelConfig(family="gpt2_ltm", **BASE,
+                                gpt2_ltm=GPT2LTMConfig(memory=InfiniteFormerConfig(
+                                    n_basis=2 * memory, widths=[0.01, 0.05], n_samples=memory, sticky=False))),
     }
 
 
 def segment_of(family: str) -> int:
     return 1 if family == "vanilla" else SEGMENT     # Al-Rfou et al. score one token per forward
+
+
+def recurrent_flops_per_token(model) -> int:
+    """FLOPs per token of the model's nn.LSTM layers, counted by hand: torch's FLOP counter does not
+    see inside the fused LSTM kernel. Per layer: 4 gates of (input + recurrent) matmuls, plus the
+    projection of LSTMP; the elementwise gate arithmetic is left out, as for the other families."""
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.LSTM):
+            out = mod.proj_size or mod.hidden_size
+            for layer in range(mod.num_layers):
+                d_in = mod.input_size if layer == 0 else out
+                total += 2 * 4 * mod.hidden_size * (d_in + out) + (2 * mod.hidden_size * out if mod.proj_size else 0)
+    return total
 
 
 def memory_bytes(memory) -> int:
@@ -97,7 +121,7 @@ def curve(family: str, cfg: ModelConfig, contexts, repeats: int) -> list[dict]:
         counter = FlopCounterMode(display=False)
         with counter:
             evaluate()
-        eval_flops = counter.get_total_flops()
+        eval_flops = counter.get_total_flops() + recurrent_flops_per_token(model) * seg
         saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
         train_s = timed(train_step, repeats)
         model.load_state_dict(saved[0])                  # the curve measures cost, not learning
@@ -109,21 +133,27 @@ def curve(family: str, cfg: ModelConfig, contexts, repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
+    """``only``: measure these families and keep the others' curves from the committed JSON (each
+    family's machine reading is kept beside its curve)."""
     torch.set_num_threads(2)
     repeats = 5
-    curves = {f: curve(f, cfg, CONTEXTS, repeats) for f, cfg in family_configs().items()}
-    sweep = {}
-    for m in (64, 128, 256):
-        for f, cfg in family_configs(m).items():
-            if f == "vanilla":
-                continue                                   # its window is its size: no memory to grow
-            sweep.setdefault(f, []).append({"memory": m, **curve(f, cfg, (16,), repeats)[0]})
-    result = {"benchmark": "memory_cost", "machine": machine_info(), "segment": SEGMENT, "memory": MEMORY,
-              "model": {k: v for k, v in BASE.items() if k not in ("tgt_len", "mem_len")},
+    families = {f: cfg for f, cfg in family_configs().items() if not only or f in only}
+    old = json.loads((RESULTS / "memory_cost.json").read_text()) if only else {}
+    curves = {**old.get("context_curves", {}), **{f: curve(f, cfg, CONTEXTS, repeats) for f, cfg in families.items()}}
+    sweep = dict(old.get("memory_sweep", {}))
+    for f in families:
+        if f in ("vanilla", "lstm"):
+            continue                                   # a window or a state: no memory to grow
+        sweep[f] = [{"memory": m, **curve(f, family_configs(m)[f], (16,), repeats)[0]} for m in (64, 128, 256)]
+    machines = dict(old.get("machines", {f: old["machine"] for f in old.get("context_curves", {})}))
+    machines.update({f: machine_info() for f in families})
+    result = {"benchmark": "memory_cost", "machine": machine_info(), "machines": machines, "segment": SEGMENT,
+              "memory": MEMORY, "model": {k: v for k, v in BASE.items() if k not in ("tgt_len", "mem_len")},
               "context_curves": curves, "memory_sweep": sweep,
               "note": "memory sweep: transformer_xl mem_len, compressive cmem_len (rate 4), "
-                      "infinite_former n_samples (and n_basis = 2x), at 16 segments of context"}
+                      "infinite_former and gpt2_ltm n_samples (and n_basis = 2x; gpt2_ltm's window stays 128), "
+                      "at 16 segments of context; lstm: 2 layers of 256"}
     write_result(RESULTS / "memory_cost.json", result)
     plot(curves, RESULTS / "memory_cost.png")
 
@@ -155,8 +185,6 @@ def plot(curves: dict, path: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--plot"]:                         # redraw from the committed JSON
-        import json
-
         plot(json.loads((RESULTS / "memory_cost.json").read_text())["context_curves"], RESULTS / "memory_cost.png")
-    else:
-        main()
+    else:                                                  # [--families a,b]: only those, merged
+        main(sys.argv[2].split(",") if sys.argv[1:2] == ["--families"] else [])
