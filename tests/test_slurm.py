@@ -520,7 +520,7 @@ def test_two_node_training_preempted_resumes_to_the_same_weights(slurm_cluster, 
     from test_train import assert_same_weights, weights
 
     repo, corpus = chain_repo
-    steps = 600
+    steps = 400
     runs = {name: tmp_path / name for name in ("straight", "preempted")}
     configs = {name: _chain_config(repo, corpus, out, steps=steps, log_every=10) for name, out in runs.items()}
     shards = tmp_path / "shards"
