@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.common import atomic_write_bytes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info, regressions  # noqa: E402
+
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.shards import Manifest, SplitTokens  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeat", type=int, default=1, help="runs per setting; the best is kept")
     parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a figure misses the goal or falls under half the committed one (same CPU)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -204,14 +210,20 @@ def main(argv=None) -> int:
                          "sidecars and manifest (end-to-end prepare())",
         "results": results,
         "goal": ">= 3x the baseline's tokens/s",
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info() | {"load_avg_1m_at_end": os.getloadavg()[0], "platform": platform.platform()},
         "caveat": "measured on a shared machine; re-run on a quiet one for numbers to quote",
     }
+    # the regression check's names: our tokens/s and our speedup over the baseline, per worker count
+    report["figures"] = {f"{k} {x}": v[x] for k, v in results.items() if k != "baseline"
+                         for x in ("tokens_per_s", "speedup_vs_baseline")}
+    lost = regressions(Path(args.output), report["figures"],
+                       {name: 3.0 for name in report["figures"] if name.endswith("speedup_vs_baseline")})
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.output, (json.dumps(report, indent=1) + "\n").encode())
     print(f"wrote {args.output}")
-    return 0
+    for line in lost:
+        print(f"regression: {line}", file=sys.stderr)
+    return 1 if (args.check and lost) else 0
 
 
 if __name__ == "__main__":

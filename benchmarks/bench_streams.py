@@ -11,8 +11,6 @@ quiet one before quoting them.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.common import atomic_write_json
 from pipeline.data.shards import Manifest, SplitInfo, write_shard  # noqa: E402
 from pipeline.data.streams import open_streams  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info, regressions  # noqa: E402
 
 GOAL = 5e7
 
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--dir", default="", help="where to write the shards (default: a temp dir, removed after)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "streams.json"))
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 when a case misses the goal or falls under half the committed result (same CPU)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -110,16 +113,21 @@ def main() -> None:
     report = {
         "benchmark": "streams", "goal_tokens_per_s": GOAL, "split_tokens": args.tokens,
         "chunk_tokens": args.chunk_tokens, "shard_tokens": args.shard_tokens, "threads": 1,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(),
-                    "torch": torch.__version__, "numpy": np.__version__},
+        "machine": machine_info() | {"numpy": np.__version__},
         "note": "tokens/s counts input tokens of yielded int64 batches, shard reads and CRC checks included; "
                 "measured on a shared machine unless load_avg_1m is low",
         "results": results,
+        # tokens/s per case, the names the regression check compares across runs
+        "figures": {f"{r['dtype']} {r['case']}": r["tokens_per_s"] for r in results},
     }
+    lost = regressions(Path(args.out), report["figures"], {name: GOAL for name in report["figures"]})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
+    for line in lost:
+        print(f"regression: {line}", file=sys.stderr)
+    if args.check and lost:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

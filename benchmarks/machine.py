@@ -55,3 +55,23 @@ def timed(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - tic)
     return statistics.median(times)
+
+
+def regressions(committed: Path, fresh: dict[str, float], goals: dict[str, float], floor: float = 0.5) -> list[str]:
+    """What a fresh run lost: every figure (higher is better) under its goal, or under ``floor``
+    times the committed result of the same name when that was measured on the same CPU model (a
+    ratio across machines says nothing). ``committed`` is read before the fresh result replaces it."""
+    old: dict[str, float] = {}
+    try:
+        saved = json.loads(committed.read_text())
+        if saved.get("machine", {}).get("cpu") == cpu_model():
+            old = saved.get("figures", {})
+    except (OSError, ValueError):
+        pass
+    out = []
+    for name, value in fresh.items():
+        if name in goals and value < goals[name]:
+            out.append(f"{name}: {value:,.3g} is under the goal {goals[name]:,.3g}")
+        if name in old and value < floor * old[name]:
+            out.append(f"{name}: {value:,.3g} is under {floor:g}x the committed {old[name]:,.3g} ({committed.name})")
+    return out
