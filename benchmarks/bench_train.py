@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 MODEL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.d_head=64", "model.d_inner=1024",
          "model.tgt_len=128", "model.mem_len=128", "model.dropout=0.1"]
-LINE = re.compile(r"step (\d+)/\d+ \|.*\| tok/s ([\d,]+)")
+LINE = re.compile(r"step (\d+)/\d+ \| loss ([\d.]+|nan) \|.*\| tok/s ([\d,]+)")
 
 
 def free_port() -> int:
@@ -68,20 +68,22 @@ def prepare_shards(work: Path) -> Path:
     return out
 
 
-def throughput(world: int, shards: Path, work: Path, steps: int, log_every: int, threads: int) -> dict:
-    out = work / f"run-w{world}"
+def throughput(world: int, shards: Path, work: Path, steps: int, log_every: int, threads: int,
+               extra: tuple[str, ...] = (), name: str = "") -> dict:
+    out = work / f"run-w{world}{name}"
     argv = ["-m", "pipeline.train", "--config", str(REPO / "configs" / "tiny.yaml"), *MODEL,
             f"data.output={shards}", f"train.output={out}", f"train.max_steps={steps}", "train.n_streams=8",
             f"train.log_every={log_every}", "train.eval_every=0", "train.save_every=0", "train.zero_stage=2",
-            "tracking.enabled=false"]
+            "tracking.enabled=false", *extra]
     t0 = time.perf_counter()
     text = launch(world, argv, threads, work)[0]
     wall = time.perf_counter() - t0
-    windows = [(int(s), float(v.replace(",", ""))) for s, v in LINE.findall(text)]
+    logged = [(int(s), float(loss), float(v.replace(",", ""))) for s, loss, v in LINE.findall(text)]
+    windows = [(s, v) for s, _, v in logged]
     rates = [v for s, v in windows if s > log_every]          # the first window includes warm-up
     return {"world_size": world, "omp_threads_per_rank": max(1, threads // world), "steps": steps,
             "tokens_per_step": 8 * 128, "tokens_per_s": statistics.median(rates), "windows": windows,
-            "wall_s": round(wall, 1)}
+            "final_loss": logged[-1][1], "wall_s": round(wall, 1)}
 
 
 # ----------------------------------------------------------------------------- optimizer state (worker)
