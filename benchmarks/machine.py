@@ -59,13 +59,14 @@ def timed(fn, repeats: int = 3) -> float:
 
 def regressions(committed: Path, fresh: dict[str, float], goals: dict[str, float], floor: float = 0.5) -> list[str]:
     """What a fresh run lost: every figure (higher is better) under its goal, or under ``floor``
-    times the committed result of the same name when that was measured on the same CPU model (a
-    ratio across machines says nothing). ``committed`` is read before the fresh result replaces it."""
+    times the committed result of the same name when that was measured on the same CPU model with
+    the same vector features (machines sold under one name differ: an EPYC with or without
+    AVX-512). ``committed`` is read before the fresh result replaces it."""
     old: dict[str, float] = {}
     try:
-        saved = json.loads(committed.read_text())
-        if saved.get("machine", {}).get("cpu") == cpu_model():
-            old = saved.get("figures", {})
+        saved = json.loads(committed.read_text()).get("machine", {})
+        if saved.get("cpu") == cpu_model() and saved.get("cpu_features") == cpu_features():
+            old = json.loads(committed.read_text()).get("figures", {})
     except (OSError, ValueError):
         pass
     out = []
