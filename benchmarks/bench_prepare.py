@@ -28,13 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.common import atomic_write_bytes  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, regressions  # noqa: E402
-
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.shards import Manifest, SplitTokens  # noqa: E402
 from pipeline.prepare import prepare  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info, regressions  # noqa: E402
 
 CACHE = REPO / ".cache" / "bench_prepare"
 RESULTS = REPO / "benchmarks" / "results" / "prepare.json"

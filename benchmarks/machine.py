@@ -64,9 +64,10 @@ def regressions(committed: Path, fresh: dict[str, float], goals: dict[str, float
     AVX-512). ``committed`` is read before the fresh result replaces it."""
     old: dict[str, float] = {}
     try:
-        saved = json.loads(committed.read_text()).get("machine", {})
-        if saved.get("cpu") == cpu_model() and saved.get("cpu_features") == cpu_features():
-            old = json.loads(committed.read_text()).get("figures", {})
+        saved = json.loads(committed.read_text())
+        machine = saved.get("machine", {})
+        if machine.get("cpu") == cpu_model() and machine.get("cpu_features") == cpu_features():
+            old = saved.get("figures", {})
     except (OSError, ValueError):
         pass
     out = []
