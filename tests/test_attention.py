@@ -135,6 +135,50 @@ def test_relative_attention_four_terms(mlen):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_relative_attention_reuses_the_position_projection_only_while_r_and_w_r_are_unchanged():
+    """Outside autograd, W_r R of the last call is reused: each output equals the naive four-term
+    formula, a second call at the same lengths runs no r_net GEMM, and a weight written through
+    ``.data`` (as DeepSpeed does, with no version bump) or another R is projected again."""
+    d, H, D, qlen, mlen = 12, 2, 5, 4, 3
+    attn = _init(RelPartialLearnableAttention(d, H, D, dropout=0.0, dropatt=0.0, own_bias=True))
+    h, mem, mask = torch.randn(2, qlen, d), torch.randn(2, mlen, d), causal_mask(qlen, mlen)
+    klen = qlen + mlen
+    calls = []
+    attn.r_net.register_forward_hook(lambda *_: calls.append(1))
+
+    def naive(R):
+        r_head = (R @ attn.r_net.weight.detach().t()).view(klen + 1, H, D)
+        u, v = attn.r_w_bias.detach(), attn.r_r_bias.detach()
+
+        def positional(qi, kj, i, j):
+            dist = mlen + i - j
+            if dist < 0:
+                return torch.zeros(qi.shape[:2])
+            return ((qi + u) * kj).sum(-1) + ((qi + v) * r_head[klen - dist]).sum(-1)
+
+        with torch.no_grad():
+            return _naive_attention(attn, h, mem, positional, mask)
+
+    R = naive_sinusoid(range(klen, -1, -1), d)
+    with torch.no_grad():
+        first, second = attn(h, mem, R, mask), attn(h, mem, R.clone(), mask)
+    assert len(calls) == 1 and torch.equal(first, second)
+    torch.testing.assert_close(first, naive(R), atol=1e-5, rtol=1e-5)
+    attn.r_net.weight.data.mul_(1.5)
+    with torch.no_grad():
+        moved = attn(h, mem, R, mask)
+    assert len(calls) == 2 and not torch.allclose(moved, first)
+    torch.testing.assert_close(moved, naive(R), atol=1e-5, rtol=1e-5)
+    other = R.flip(0).contiguous()
+    with torch.no_grad():
+        got = attn(h, mem, other, mask)
+    assert len(calls) == 3
+    torch.testing.assert_close(got, naive(other), atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():                          # training: always projected, nothing kept
+        attn(h, mem, R, mask).sum().backward()
+    assert len(calls) == 4 and attn._r_cache is None and attn.r_net.weight.grad is not None
+
+
 def test_relative_attention_shared_bias_is_passed_in():
     attn = _init(RelPartialLearnableAttention(8, 2, 4, 0.0, 0.0, own_bias=False))
     assert attn.r_w_bias is None and "r_w_bias" not in dict(attn.named_parameters())

@@ -218,10 +218,32 @@ class RelPartialLearnableAttention(_MemoryAttention):
         u = self.r_w_bias if self.r_w_bias is not None else r_w_bias
         v_bias = self.r_r_bias if self.r_r_bias is not None else r_r_bias
         q, k, v = self._project(h, mem)
-        r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, k+1]
+        r_k = self._position_keys(r)
         ac_q = q + (u * self.scale).unsqueeze(1)
         bd = torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k)  # [B, H, q, k+1], shifted in _attend
         return self._output(h, self._attend(ac_q, k, v, bd, mask), None if extra is None else extra(q))
+
+
+    def _position_keys(self, r: Tensor) -> Tensor:
+        """``W_r R`` as ``[H, D, k+1]``. R depends on the lengths alone, so outside autograd
+        (evaluation, generation: one segment after another at the same lengths) the projection of
+        the last call is reused when R and W_r are equal to that call's (compared by value, which
+        costs a pass over each rather than a GEMM, and holds whatever changed the weight: an
+        optimizer step, a load, DeepSpeed writing into ``.data``). With a long memory and a short
+        segment this GEMM is a large part of the forward: ``m+q+1`` rows against the segment's q."""
+        if torch.compiler.is_compiling():          # a traced graph keeps no state between calls
+            return self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)
+        if torch.is_grad_enabled():
+            self._r_cache = None
+            return self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)
+        w, cache = self.r_net.weight, getattr(self, "_r_cache", None)
+        if (cache is not None and cache[0].shape == r.shape and cache[0].dtype == r.dtype
+                and cache[0].device == r.device and cache[1].dtype == w.dtype and cache[1].device == w.device
+                and torch.equal(cache[0], r) and torch.equal(cache[1], w)):
+            return cache[2]
+        r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)
+        self._r_cache = (r.clone(), w.detach().clone(), r_k)
+        return r_k
 
 
 class RelLearnableAttention(_MemoryAttention):
