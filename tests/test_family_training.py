@@ -37,9 +37,14 @@ def runs(tmp_path_factory) -> Runs:
     return Runs(tmp_path_factory.mktemp("families"))
 
 
+# The ZeRO-stage runs also validate (steps 3 and 6): validation must leave training bitwise as it
+# was (the resume test starts the stage-2 run again from step 3), and it runs under ZeRO-3 too.
+VALIDATE = ["train.eval_every=3", "train.eval_tgt_len=8"]
+
+
 @families
 def test_zero_stages_agree_bitwise_and_the_family_parts_learn(runs, family):
-    args = FAMILIES[family]
+    args = [*FAMILIES[family], *VALIDATE]
     ref = runs.run(f"{family}-0", [*args, "train.zero_stage=0", "train.clip=0"], record=False)
     losses = ref[0]["losses"]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
@@ -57,7 +62,7 @@ def test_zero_stages_agree_bitwise_and_the_family_parts_learn(runs, family):
 
 @families
 def test_resume_is_bitwise_with_every_memory_field(runs, family):
-    args = [*FAMILIES[family], "train.zero_stage=2", "train.clip=0"]
+    args = [*FAMILIES[family], *VALIDATE, "train.zero_stage=2", "train.clip=0", "train.zero3_persistence_threshold=0"]
     runs.run(f"{family}-2", args, record=False)
     again = runs.run(f"{family}-2-resumed", args, record=False, seed_from=(f"{family}-2", 3))
     assert again[0]["start_step"] == 3
@@ -85,8 +90,7 @@ def test_elastic_two_ranks_to_one_with_accumulation(runs, family):
 
 @families
 def test_validation_reports_where_attention_goes(runs, family):
-    got = runs.run(f"{family}-valid", [*FAMILIES[family], "train.eval_every=3", "train.eval_tgt_len=8"],
-                   record=False)
+    got = runs.run(f"{family}-0", [*FAMILIES[family], *VALIDATE, "train.zero_stage=0", "train.clip=0"], record=False)
     valid = got[0]["valid"]
     assert math.isfinite(valid["loss"])
     regions = {k[5:]: v for k, v in valid.items() if k.startswith("attn_") and "_age" not in k}
@@ -111,12 +115,13 @@ def test_bf16_training_keeps_the_memory_in_bf16(runs, family):
 @families
 def test_validation_under_zero3_with_every_parameter_partitioned(runs, family):
     """Validation runs through the engine: under ZeRO-3 every module (the long-term read inside the
-    attention, f_c after the layers) must gather its weights itself; same losses as stage 0."""
-    args = [*FAMILIES[family], "train.eval_every=3", "train.max_steps=3", "train.clip=0"]
-    ref = runs.run(f"{family}-valid0", [*args, "train.zero_stage=0"], record=False)
-    got = runs.run(f"{family}-valid3", [*args, "train.zero_stage=3", "train.zero3_persistence_threshold=0"],
+    attention, f_c after the layers) must gather its weights itself; the same loss as stage 0."""
+    args = [*FAMILIES[family], *VALIDATE, "train.clip=0"]
+    ref = runs.run(f"{family}-0", [*args, "train.zero_stage=0"], record=False)
+    got = runs.run(f"{family}-3", [*args, "train.zero_stage=3", "train.zero3_persistence_threshold=0"],
                    record=False)
     assert got[0]["losses"] == ref[0]["losses"]
+    assert math.isfinite(ref[0]["valid"]["loss"])
     assert got[0]["valid"]["loss"] == pytest.approx(ref[0]["valid"]["loss"], rel=1e-6)
 
 
