@@ -8,9 +8,10 @@ evaluated as its paper does (one token per forward, the 127 before it as context
 whole 128-token windows without memory, as it is. For each
 family the memory is carried over k = 1 … 64 segments of random bytes, and at each k we count the
 FLOPs of the next forward (exact, torch's FLOP counter) and time it (median of repeats), for
-evaluation and for a training step (forward, backward, AdamW). A second sweep grows the memory at
-a fixed context (64 segments). Peak memory on CPU is not measured: the memory state's size in
-bytes stands for what grows with context.
+evaluation and for a training step (forward, backward, AdamW), and take its peak memory: the
+most bytes torch's allocator held during the call above what it held before (activations,
+gradients, temporaries; the weights, the AdamW state and the memory itself are held before), from
+torch's profiler. A second sweep grows the memory at a fixed context (16 segments).
 
     .venv/bin/python benchmarks/bench_memory_cost.py      # writes benchmarks/results/memory_cost.{json,png}
     .venv/bin/python benchmarks/bench_memory_cost.py --families lstm,gpt2_ltm   # re-measure some, keep the rest
@@ -27,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import machine_info, timed, write_result  # noqa: E402  (benchmarks/machine.py)
+from machine import machine_info, peak_bytes, timed, write_result  # noqa: E402  (benchmarks/machine.py)
 
 from models import ModelConfig, build_model  # noqa: E402
 from models.compressive import CompressiveConfig  # noqa: E402
@@ -124,11 +125,13 @@ def curve(family: str, cfg: ModelConfig, contexts, repeats: int) -> list[dict]:
         eval_flops = counter.get_total_flops() + recurrent_flops_per_token(model) * seg
         saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
         train_s = timed(train_step, repeats)
+        train_peak = peak_bytes(train_step)              # after the timed steps: AdamW's state exists
         model.load_state_dict(saved[0])                  # the curve measures cost, not learning
         opt.load_state_dict(saved[1])
         rows.append({"segments": k, "context_tokens": done, "eval_flops_per_token": eval_flops / seg,
-                     "eval_s_per_token": timed(evaluate, repeats) / seg,
-                     "train_step_s_per_token": train_s / t_inp.size(1), "memory_state_bytes": memory_bytes(memory)})
+                     "eval_s_per_token": timed(evaluate, repeats) / seg, "eval_peak_bytes": peak_bytes(evaluate),
+                     "train_step_s_per_token": train_s / t_inp.size(1), "train_step_peak_bytes": train_peak,
+                     "memory_state_bytes": memory_bytes(memory)})
         print(family, rows[-1], flush=True)
     return rows
 
@@ -164,19 +167,24 @@ def plot(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for family, rows in curves.items():
-        xs = [r["context_tokens"] for r in rows]
-        axes[0].plot(xs, [r["eval_flops_per_token"] / 1e6 for r in rows], marker="o", label=family)
-        axes[1].plot(xs, [r["eval_s_per_token"] * 1e3 for r in rows], marker="o", label=family)
-    axes[0].set_ylabel("evaluation MFLOP per token")
-    axes[1].set_ylabel("evaluation ms per token (2 threads)")
-    for ax in axes:
+    panels = [("eval_flops_per_token", 1e6, "evaluation MFLOP per token"),
+              ("eval_s_per_token", 1e-3, "evaluation ms per token (2 threads)"),
+              ("eval_peak_bytes", 2 ** 20, "evaluation peak MiB (above the weights)"),
+              ("train_step_s_per_token", 1e-3, "training step ms per token (2 threads)"),
+              ("train_step_peak_bytes", 2 ** 20, "training step peak MiB (above weights + AdamW)"),
+              ("memory_state_bytes", 2 ** 20, "memory state MiB")]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.2))
+    for ax, (key, unit, label) in zip(axes.flat, panels):
+        for family, rows in curves.items():
+            if all(key in r for r in rows):
+                ax.plot([r["context_tokens"] for r in rows], [r[key] / unit for r in rows], marker="o",
+                        label=family)
+        ax.set_ylabel(label, fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")          # the Al-Rfou window costs ~80x the others
-        ax.set_xlabel("context already consumed (tokens)")
+        ax.set_xlabel("context already consumed (tokens)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8)
     fig.suptitle("Cost per token as the context grows (4L d256, segment 128, memory 128)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -57,6 +57,24 @@ def timed(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def peak_bytes(fn) -> int:
+    """Peak bytes torch's CPU allocator held during ``fn`` above what it held when ``fn`` started:
+    the running sum of every allocation (+) and free (-) that torch's profiler records, in order.
+    Exact at the allocator's level, unlike the process RSS (the allocator caches and the high-water
+    mark never comes down)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
 def regressions(committed: Path, fresh: dict[str, float], goals: dict[str, float], floor: float = 0.5) -> list[str]:
     """What a fresh run lost: every figure (higher is better) under its goal, or under ``floor``
     times the committed result of the same name when that was measured on the same CPU model with
