@@ -25,6 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_info  # noqa: E402
 
 from models import build_model  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -61,7 +64,8 @@ def main() -> None:
     result.update(benchmark="eval_speed_cached_vs_sliding", config=args.config,
                   n_params=sum(p.numel() for p in model.parameters()),
                   model={k: getattr(cfg.model, k) for k in ("n_layer", "d_model", "n_head", "d_head", "d_inner")},
-                  seconds=time.perf_counter() - tic, host=platform.node(), torch=torch.__version__,
+                  seconds=time.perf_counter() - tic, host=platform.node(), machine=machine_info(),
+                  torch=torch.__version__,
                   paper_ratio={"800": 363, "1800": 773, "2800": 1409, "3800": 1874})
     print(format_rows(result))
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"evalspeed_{device.type}.json"
