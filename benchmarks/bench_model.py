@@ -112,7 +112,8 @@ def measure(args) -> dict:
     data = sample_tokens(args.tokens, (args.batch, steps * args.tgt_len + 1))
     rss_before = rss_mib()
     model, loss_fn = (ours if args.impl == "ours" else reference)(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4)
+    # loop: torch's CPU default (one parameter at a time); fused: its single-kernel AdamW, on both sides
+    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, **({"fused": True} if args.optimizer == "fused" else {}))
     times = []
     for step in range(steps):
         lo = step * args.tgt_len
@@ -154,7 +155,7 @@ def ref_python(explicit: str | None) -> str:
 def run_child(python: str, impl: str, tokens: str, args) -> dict:
     cmd = [python, __file__, "--impl", impl, "--tokens", tokens, "--threads", str(args.threads),
            "--batch", str(args.batch), "--tgt-len", str(args.tgt_len), "--mem-len", str(args.mem_len),
-           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--optimizer", args.optimizer]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -163,6 +164,8 @@ def run_child(python: str, impl: str, tokens: str, args) -> dict:
 
 
 def compare(args) -> dict:
+    from machine import machine_info  # benchmarks/machine.py (the script's own directory)
+
     py_ref = ref_python(args.ref_python)
     load_before = os.getloadavg()
     t0 = time.time()
@@ -194,12 +197,13 @@ def compare(args) -> dict:
         "results": table,
         "config": {**SHAPE, "n_token": N_TOKEN, "cutoffs": CUTOFFS, "div_val": 1, "untie_r": True,
                    "batch": args.batch, "tgt_len": args.tgt_len, "mem_len": args.mem_len, "dropout": 0.1,
-                   "dtype": "fp32", "optimizer": "AdamW lr 2.5e-4", "clip": 0.25, "start_memory": "empty"},
+                   "dtype": "fp32", "optimizer": f"AdamW lr 2.5e-4 ({args.optimizer})", "clip": 0.25,
+                   "start_memory": "empty"},
         "method": f"{args.repeats} fresh processes per implementation and distribution, alternating; per run "
                   f"{args.warmup} warm-up + {args.steps} timed steps, median step time (and fastest step: "
                   f"tokens_per_s_best); medians over runs",
         "threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {**machine_info(), "platform": platform.platform(),
                     "torch": torch.__version__, "load_avg_before": [round(x, 2) for x in load_before],
                     "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
         "wall_s": round(time.time() - t0, 1),
@@ -222,6 +226,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--mem-len", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--optimizer", choices=["loop", "fused"], default="loop",
+                    help="AdamW for both sides: torch's CPU default (a loop over parameters) or its fused kernel")
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args(argv)
     if args.impl and args.against_reference:
