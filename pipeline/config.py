@@ -97,7 +97,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0        # cosine floor as a fraction of lr (reference PyTorch 0, TF 0.01)
     clip: float = 0.25               # global grad-norm clip; 0 disables
-    fused_optimizer: bool = True     # on CUDA: DeepSpeed's (or apex's) fused Adam/AdamW
+    fused_optimizer: bool = True     # fused Adam/AdamW: DeepSpeed's (or apex's) on CUDA, torch's on CPU
     tf32: bool = True                # fp32 on CUDA: TF32 matmuls/convolutions (false: strict fp32); no effect on CPU
     # torch.compile the model (in place, so checkpoint keys are unchanged; static shapes: one
     # compilation per segment / memory length). Off by default: see README "GPU paths".

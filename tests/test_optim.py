@@ -74,22 +74,25 @@ def test_deepspeed_batch_arithmetic():
 
 
 def test_adam_kernel_choice():
-    """Fused kernels only on CUDA with train.fused_optimizer; apex first only when importable."""
+    """Fused kernels with train.fused_optimizer: on CUDA apex first only when importable, on CPU
+    torch's own; without it torch's plain Adam."""
     from pipeline.runtime.optim import adam_kernels
 
     assert adam_kernels(on_cuda=True, fused=True, apex_available=True) == ("apex", "deepspeed", "torch_fused")
     assert adam_kernels(on_cuda=True, fused=True, apex_available=False) == ("deepspeed", "torch_fused")
-    for on_cuda, fused in ((True, False), (False, True), (False, False)):
-        assert adam_kernels(on_cuda, fused, apex_available=True) == ("torch",)
+    assert adam_kernels(on_cuda=False, fused=True, apex_available=True) == ("torch_fused",)
+    for on_cuda in (True, False):
+        assert adam_kernels(on_cuda, False, apex_available=True) == ("torch",)
 
 
-def test_cpu_builds_plain_adam_and_the_torch_fused_fallback_is_real():
+def test_cpu_builds_torch_fused_adam_and_its_step_is_adams():
     from pipeline.runtime.optim import _adam, apex_optimizers_available
 
     assert not apex_optimizers_available()          # NVIDIA apex is never installed here
-    cfg = TrainConfig(fused_optimizer=True)
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, on_cuda=False)
-    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainConfig(fused_optimizer=True), on_cuda=False)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"]
+    plain = build_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainConfig(fused_optimizer=False), on_cuda=False)
+    assert type(plain) is torch.optim.AdamW and not plain.defaults["fused"]
     # The last CUDA fallback is torch's own fused kernel (torch runs it on CPU too): one real step.
     p = torch.nn.Parameter(torch.ones(3))
     fused = _adam(("torch_fused",), [p], TrainConfig(lr=0.1), adam_w_mode=True)

@@ -45,11 +45,15 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 
 def adam_kernels(on_cuda: bool, fused: bool, apex_available: bool) -> tuple[str, ...]:
-    """The Adam implementations to try, in order: on CUDA with ``train.fused_optimizer``, apex's
+    """The Adam implementations to try, in order, with ``train.fused_optimizer``: on CUDA apex's
     FusedAdam (when importable), DeepSpeed's (its CUDA op may fail to build), torch's fused
-    kernel; otherwise torch's plain (foreach) Adam. A pure function so the choice is testable on CPU."""
-    if not (on_cuda and fused):
+    kernel; on CPU torch's fused kernel (its default there is a Python loop over the parameters,
+    about 3x slower per step: benchmarks/bench_model.py --optimizer). Without it torch's plain
+    Adam. A pure function so the choice is testable on CPU."""
+    if not fused:
         return ("torch",)
+    if not on_cuda:
+        return ("torch_fused",)
     return (("apex",) if apex_available else ()) + ("deepspeed", "torch_fused")
 
 
