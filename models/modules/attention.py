@@ -223,7 +223,6 @@ class RelPartialLearnableAttention(_MemoryAttention):
         bd = torch.matmul(q + (v_bias * self.scale).unsqueeze(1), r_k)  # [B, H, q, k+1], shifted in _attend
         return self._output(h, self._attend(ac_q, k, v, bd, mask), None if extra is None else extra(q))
 
-
     def _position_keys(self, r: Tensor) -> Tensor:
         """``W_r R`` as ``[H, D, k+1]``. R depends on the lengths alone, so outside autograd
         (evaluation, generation: one segment after another at the same lengths) the projection of
@@ -232,18 +231,23 @@ class RelPartialLearnableAttention(_MemoryAttention):
         optimizer step, a load, DeepSpeed writing into ``.data``). With a long memory and a short
         segment this GEMM is a large part of the forward: ``m+q+1`` rows against the segment's q."""
         if torch.compiler.is_compiling():          # a traced graph keeps no state between calls
-            return self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)
-        if torch.is_grad_enabled():
+            return self._project_positions(r)
+        if torch.is_grad_enabled():                # training: W_r moves every step, keep nothing
             self._r_cache = None
-            return self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)
+            return self._project_positions(r)
         w, cache = self.r_net.weight, getattr(self, "_r_cache", None)
-        if (cache is not None and cache[0].shape == r.shape and cache[0].dtype == r.dtype
-                and cache[0].device == r.device and cache[1].dtype == w.dtype and cache[1].device == w.device
-                and torch.equal(cache[0], r) and torch.equal(cache[1], w)):
+        if cache is not None and _same(cache[0], r) and _same(cache[1], w):
             return cache[2]
-        r_k = self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)
+        r_k = self._project_positions(r)
         self._r_cache = (r.clone(), w.detach().clone(), r_k)
         return r_k
+
+    def _project_positions(self, r: Tensor) -> Tensor:
+        return self.r_net(r).view(-1, self.n_head, self.d_head).permute(1, 2, 0)  # [H, D, k+1]
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 class RelLearnableAttention(_MemoryAttention):
