@@ -173,6 +173,9 @@ class EvalConfig:
     mem_lens: List[int] = field(default_factory=list)   # sweep: one evaluation per memory length, plus a plot
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"     # model weights on the device (NLL sums stay fp64)
     tf32: bool = False               # fp32 on CUDA: TF32 matmuls (faster; off keeps the figures strict fp32)
+    # reuse the memory rows' keys and values from the previous segment (same products; holds K/V of
+    # one segment plus memory per layer); false: project them again every segment
+    kv_cache: bool = True
     # where attention goes (segment / memory / compressed memory, each in age buckets), also in
     # training's validation; 0: not measured
     attention_buckets: int = 6

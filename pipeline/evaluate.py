@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from models.diagnostics import attention_metrics
+from models.modules.attention import set_memory_kv_cache
 from pipeline.common import DTYPES, atomic_write_json, git_commit
 from pipeline.config import Config, EvalConfig, arg_parser, check_values, parse_args
 from pipeline.data.remote import shard_dir
@@ -150,10 +151,12 @@ def evaluate(cfg: Config) -> dict:
     source = None
     if e.perplexity or e.speed.attn_lens:
         source = load_source(e.source or cfg.train.output, manifest, cfg.data.output, device, dtype)
+        set_memory_kv_cache(source.model, e.kv_cache)
 
     report: dict = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "command": " ".join(sys.argv), "git_commit": git_commit(),
                     "world_size": distributed.get_world_size(), "device": str(device), "dtype": e.dtype,
+                    "kv_cache": e.kv_cache,
                     "manifest": {"sha256": manifest.sha256(), "corpus": manifest.corpus, "tokenizer": kind},
                     "results": []}
     if source is not None:

@@ -12,6 +12,8 @@ from models.modules.attention import (
     RelPartialLearnableAttention,
     causal_mask,
     same_length_window,
+    set_attention_kernel,
+    set_memory_kv_cache,
 )
 from models.modules.positions import rel_shift, relative_distances, sinusoid
 
@@ -177,6 +179,63 @@ def test_relative_attention_reuses_the_position_projection_only_while_r_and_w_r_
     with torch.enable_grad():                          # training: always projected, nothing kept
         attn(h, mem, R, mask).sum().backward()
     assert len(calls) == 4 and attn._r_cache is None and attn.r_net.weight.grad is not None
+
+
+def _flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+def test_evaluation_reuses_memory_keys_and_values_only_while_rows_and_weights_match():
+    """In evaluation the memory rows' K/V are the previous call's: each output equals the naive
+    formula, and a call whose memory is the tail of the previous call's rows skips exactly the
+    memory K/V product (2·B·m·d·2HD FLOPs, torch's counter); other rows, a weight written through
+    ``.data``, the cache turned off or training project them again."""
+    d, H, D, qlen = 12, 2, 5, 4
+    attn = _init(AbsoluteAttention(d, H, D, 0.0, 0.0))
+    set_attention_kernel(attn, "explicit")      # torch's FLOP counter does not see CPU SDPA's products
+    B, hd = 2, H * D
+    content = lambda qi, kj, i, j: (qi * kj).sum(-1)  # noqa: E731
+
+    def check(h, mem):
+        mask = causal_mask(qlen, mem.size(1))
+        with torch.no_grad():
+            out, flops = _flops(lambda: attn(h, mem, mask))
+            torch.testing.assert_close(out, _naive_attention(attn, h, mem, content, mask), atol=1e-5, rtol=1e-5)
+        return flops
+
+    def projected(m):      # every product of one call: q|k|v of the segment, k|v of memory, scores, p·v, output
+        return 2 * B * qlen * d * 3 * hd + 2 * B * m * d * 2 * hd + 2 * 2 * B * H * qlen * D * (qlen + m) + \
+            2 * B * qlen * hd * d
+
+    def reused(m):
+        return projected(m) - 2 * B * m * d * 2 * hd
+
+    h1, h2, h3 = (torch.randn(B, qlen, d) for _ in range(3))
+    mem1 = torch.randn(B, 3, d)
+    assert check(h1, mem1) == projected(3)                    # nothing cached yet
+    rows = torch.cat([mem1, h1], 1)
+    assert check(h2, rows[:, -5:]) == reused(5)               # memory = the last 5 rows attended over
+    rows = torch.cat([rows[:, -5:], h2], 1)
+    set_memory_kv_cache(attn, False)
+    assert attn._kv_cache is None
+    assert check(h3, rows[:, -6:]) == projected(6)
+    set_memory_kv_cache(attn, True)
+    assert check(h3, rows[:, -6:]) == projected(6)            # turned back on: the next call reuses
+    rows = torch.cat([rows[:, -6:], h3], 1)
+    assert check(h1, rows[:, -6:]) == reused(6)
+    rows = torch.cat([rows[:, -6:], h1], 1)
+    attn.qkv_net.weight.data[hd:].mul_(1.5)                   # DeepSpeed-style write: no version bump
+    assert check(h2, rows[:, -6:]) == projected(6)
+    assert check(h3, torch.randn(B, 6, d)) == projected(6)    # rows that are not the previous call's
+    with torch.enable_grad():
+        attn.train()
+        attn(h1, rows[:, -6:], causal_mask(qlen, 6)).sum().backward()
+    assert attn._kv_cache is None
 
 
 def test_relative_attention_shared_bias_is_passed_in():

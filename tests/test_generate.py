@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import ModelConfig, build_model
+from models.modules.attention import set_memory_kv_cache
 from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.data.shards import Manifest
 from pipeline.data.tokenizers import load_tokenizer
@@ -91,19 +92,30 @@ def flops_of_next_token(lm: CachedLM, token: int) -> int:
 
 def test_cost_per_token_is_flat_once_memory_is_full(export_dir):
     model, _, _ = load_export(export_dir)
-    lm = CachedLM(model)                       # the export's mem_len: 32
-    lm.feed([1, 2, 3])
-    counts = {}
-    rng = np.random.default_rng(0)
-    for i in range(4, 2001):
-        tok = int(rng.integers(256))
-        if i in (10, 50, 2000):
-            counts[i] = flops_of_next_token(lm, tok)
-            assert lm.memory.mlen == min(i, 32)      # the memory holds at most mem_len positions
-        else:
-            lm.feed([tok])
-    assert counts[10] < counts[50]                 # still filling the memory: more keys each token
-    assert counts[50] == counts[2000]              # full: every token attends over mem_len + 1 keys
+
+    def costs(kv_cache: bool) -> dict:
+        set_memory_kv_cache(model, kv_cache)
+        lm = CachedLM(model)                       # the export's mem_len: 32
+        lm.feed([1, 2, 3])
+        counts = {}
+        rng = np.random.default_rng(0)
+        for i in range(4, 2001):
+            tok = int(rng.integers(256))
+            if i in (10, 50, 2000):
+                counts[i] = flops_of_next_token(lm, tok)
+                assert lm.memory.mlen == min(i, 32)      # the memory holds at most mem_len positions
+            else:
+                lm.feed([tok])
+        return counts
+
+    projected, cached = costs(False), costs(True)
+    assert projected[10] < projected[50]           # still filling the memory: more keys each token
+    assert projected[50] == projected[2000]        # full: every token attends over mem_len + 1 keys
+    assert cached[50] == cached[2000]
+    # with the cache the memory rows' keys and values are the previous tokens': never projected again
+    kv_of_memory = sum(2 * 32 * m.qkv_net.weight.size(1) * 2 * m.n_head * m.d_head
+                       for m in model.modules() if hasattr(m, "qkv_net"))
+    assert kv_of_memory > 0 and cached[2000] == projected[2000] - kv_of_memory
     # generate() records a time per token too (reported by the CLI; not asserted on).
     res = generate(model, [1, 2, 3], 30, seed=0)
     assert len(res["step_seconds"]) == 29 and res["memory_len"] == 32

@@ -92,6 +92,15 @@ class KernelChoice:
     kernel: Optional[str] = None
 
 
+def set_memory_kv_cache(model: nn.Module, enabled: bool) -> None:
+    """Reuse (True, the default) or always recompute the memory rows' keys and values in
+    evaluation (``_MemoryAttention._cached_memory_kv``); off also frees what is held."""
+    for m in model.modules():
+        if isinstance(m, _MemoryAttention):
+            m.memory_kv_cache = bool(enabled)
+            m._kv_cache = None
+
+
 def set_attention_kernel(model: nn.Module, kernel: Optional[str]) -> None:
     """Force ``"sdpa"`` / ``"explicit"`` (or None: the default choice) in every attention module."""
     choose_attention(False, False, kernel)      # validates the name
@@ -109,6 +118,8 @@ class _MemoryAttention(KernelChoice, nn.Module):
 
     keep_probs: bool = False
     probs: Optional[Tensor] = None
+    memory_kv_cache: bool = True        # see _cached_memory_kv; set_memory_kv_cache turns it off
+    _kv_cache: Optional[tuple] = None
 
     def __init__(self, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float,
                  pre_lnorm: bool = False):
@@ -132,16 +143,61 @@ class _MemoryAttention(KernelChoice, nn.Module):
         from ``cat[mem, segment]`` (pre-LN normalises both, as the reference); contiguous.
 
         Memory rows get their own GEMM for k and v only: no wasted queries, and no input
-        gradient is computed for them (memory never requires grad)."""
+        gradient is computed for them (memory never requires grad). In evaluation that GEMM
+        is skipped when the memory rows are rows of the previous call (``_cached_memory_kv``)."""
         hd = self.n_head * self.d_head
         w = self.qkv_net.weight
         q, k, v = F.linear(self.layer_norm(h) if self.pre_lnorm else h, w).split(hd, dim=-1)
+        caching = self._kv_caching()
+        params = None
         if mem is not None and mem.size(1) > 0:
-            k_mem, v_mem = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w[hd:]).split(hd, dim=-1)
-            k, v = self._heads(k_mem, k), self._heads(v_mem, v)
+            cached = self._cached_memory_kv(mem) if caching else None
+            if cached is None:
+                k_mem, v_mem = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w[hd:]).split(hd, dim=-1)
+                k, v = self._heads(k_mem, k), self._heads(v_mem, v)
+            else:
+                params = self._kv_cache[1]
+                k, v = (torch.cat([c, x.unflatten(-1, (self.n_head, self.d_head)).transpose(1, 2)], dim=2)
+                        for c, x in zip(cached, (k, v)))
         else:
             k, v = self._heads(k), self._heads(v)
+        self._kv_cache = None
+        if caching:
+            rows = h.clone() if mem is None or mem.size(1) == 0 else torch.cat([mem, h], dim=1)
+            self._kv_cache = (rows, params or tuple(p.clone() for p in self._kv_params()), k, v)
         return self._heads(q * self.scale), k, v
+
+    # -- evaluation: keys and values of memory rows, reused ------------------------------------
+    def _kv_caching(self) -> bool:
+        return (self.memory_kv_cache and not self.training and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+    def _kv_params(self) -> tuple[Tensor, ...]:
+        """What the memory rows' keys and values depend on besides the rows: the K/V weight rows
+        (and the pre-LN parameters)."""
+        hd = self.n_head * self.d_head
+        params = [self.qkv_net.weight[hd:]]
+        if self.pre_lnorm:
+            params += [p for p in (self.layer_norm.weight, self.layer_norm.bias) if p is not None]
+        return tuple(p.detach() for p in params)
+
+    def _cached_memory_kv(self, mem: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """Keys and values ``[B, H, m, D]`` of the memory rows from the previous call, when these
+        rows are the last ``m`` rows that call attended over (Transformer-XL's memory is the
+        previous segments' layer inputs, whose keys and values that call projected) and the
+        weights are the same. Compared by value (a pass over the rows and the weights, against
+        the GEMM it saves), so anything else (another stream, reset rows, compressed memory in
+        front, a changed weight) projects them again. The same products of the same rows."""
+        if self._kv_cache is None:
+            return None
+        rows, params, k, v = self._kv_cache
+        m = mem.size(1)
+        if m > rows.size(1) or not _same(rows[:, -m:], mem):
+            return None
+        current = self._kv_params()
+        if len(current) != len(params) or not all(_same(a, b) for a, b in zip(current, params)):
+            return None
+        return k[:, :, -m:], v[:, :, -m:]
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos_score: Optional[Tensor], mask: Tensor) -> Tensor:
         """softmax(q·kᵀ + rel_shift(pos_score) + mask) · v, returned as ``[B, q, H·D]``.
