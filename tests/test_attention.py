@@ -192,9 +192,9 @@ def _flops(fn):
 
 def test_evaluation_reuses_memory_keys_and_values_only_while_rows_and_weights_match():
     """In evaluation the memory rows' K/V are the previous call's: each output equals the naive
-    formula, and a call whose memory is the tail of the previous call's rows skips exactly the
-    memory K/V product (2·B·m·d·2HD FLOPs, torch's counter); other rows, a weight written through
-    ``.data``, the cache turned off or training project them again."""
+    formula, and a call whose memory ends with the tail of the previous call's rows skips exactly
+    that tail's K/V product (2·B·m·d·2HD FLOPs, torch's counter); other rows, a weight written
+    through ``.data``, the cache turned off or training project them again."""
     d, H, D, qlen = 12, 2, 5, 4
     attn = _init(AbsoluteAttention(d, H, D, 0.0, 0.0))
     set_attention_kernel(attn, "explicit")      # torch's FLOP counter does not see CPU SDPA's products
@@ -232,6 +232,9 @@ def test_evaluation_reuses_memory_keys_and_values_only_while_rows_and_weights_ma
     attn.qkv_net.weight.data[hd:].mul_(1.5)                   # DeepSpeed-style write: no version bump
     assert check(h2, rows[:, -6:]) == projected(6)
     assert check(h3, torch.randn(B, 6, d)) == projected(6)    # rows that are not the previous call's
+    rows = torch.cat([torch.randn(B, 6, d), h3], 1)           # (that call's rows)
+    # new rows in front of the last 4 (the Compressive Transformer's compressed memory): those 4 reused
+    assert check(h1, torch.cat([torch.randn(B, 2, d), rows[:, -4:]], 1)) == projected(6) - 2 * B * 4 * d * 2 * hd
     with torch.enable_grad():
         attn.train()
         attn(h1, rows[:, -6:], causal_mask(qlen, 6)).sum().backward()

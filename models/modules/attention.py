@@ -144,21 +144,31 @@ class _MemoryAttention(KernelChoice, nn.Module):
 
         Memory rows get their own GEMM for k and v only: no wasted queries, and no input
         gradient is computed for them (memory never requires grad). In evaluation that GEMM
-        is skipped when the memory rows are rows of the previous call (``_cached_memory_kv``)."""
+        skips the memory rows that are rows of the previous call (``_cached_memory_kv``)."""
         hd = self.n_head * self.d_head
         w = self.qkv_net.weight
         q, k, v = F.linear(self.layer_norm(h) if self.pre_lnorm else h, w).split(hd, dim=-1)
         caching = self._kv_caching()
         params = None
+
+        def memory_kv(rows: Tensor) -> tuple[Tensor, ...]:
+            return F.linear(self.layer_norm(rows) if self.pre_lnorm else rows, w[hd:]).split(hd, dim=-1)
+
         if mem is not None and mem.size(1) > 0:
             cached = self._cached_memory_kv(mem) if caching else None
             if cached is None:
-                k_mem, v_mem = F.linear(self.layer_norm(mem) if self.pre_lnorm else mem, w[hd:]).split(hd, dim=-1)
+                k_mem, v_mem = memory_kv(mem)
                 k, v = self._heads(k_mem, k), self._heads(v_mem, v)
             else:
+                n, k_old, v_old = cached    # the last n memory rows' K/V; the rows before them projected
                 params = self._kv_cache[1]
-                k, v = (torch.cat([c, x.unflatten(-1, (self.n_head, self.d_head)).transpose(1, 2)], dim=2)
-                        for c, x in zip(cached, (k, v)))
+                fresh = mem[:, : mem.size(1) - n]
+                k_parts, v_parts = [k_old], [v_old]
+                if fresh.size(1):
+                    k_new, v_new = memory_kv(fresh)
+                    k_parts, v_parts = [self._split_heads(k_new), k_old], [self._split_heads(v_new), v_old]
+                k = torch.cat(k_parts + [self._split_heads(k)], dim=2)
+                v = torch.cat(v_parts + [self._split_heads(v)], dim=2)
         else:
             k, v = self._heads(k), self._heads(v)
         self._kv_cache = None
@@ -181,23 +191,35 @@ class _MemoryAttention(KernelChoice, nn.Module):
             params += [p for p in (self.layer_norm.weight, self.layer_norm.bias) if p is not None]
         return tuple(p.detach() for p in params)
 
-    def _cached_memory_kv(self, mem: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-        """Keys and values ``[B, H, m, D]`` of the memory rows from the previous call, when these
-        rows are the last ``m`` rows that call attended over (Transformer-XL's memory is the
-        previous segments' layer inputs, whose keys and values that call projected) and the
-        weights are the same. Compared by value (a pass over the rows and the weights, against
-        the GEMM it saves), so anything else (another stream, reset rows, compressed memory in
-        front, a changed weight) projects them again. The same products of the same rows."""
+    def _cached_memory_kv(self, mem: Tensor) -> Optional[tuple[int, Tensor, Tensor]]:
+        """``(n, k, v)``: keys and values ``[B, H, n, D]`` of the last ``n`` memory rows, from the
+        previous call, when those rows are the last ``n`` rows that call attended over
+        (Transformer-XL's memory is the previous segments' layer inputs, whose keys and values
+        that call projected; the Compressive Transformer's has its compressed rows in front) and
+        the weights are the same; None when no trailing row matches. Compared by value (a pass
+        over the rows and the weights, against the GEMM it saves), so anything else (another
+        stream, reset rows, a changed weight) is projected again: the same products of the same
+        rows either way."""
         if self._kv_cache is None:
             return None
         rows, params, k, v = self._kv_cache
-        m = mem.size(1)
-        if m > rows.size(1) or not _same(rows[:, -m:], mem):
+        n = min(mem.size(1), rows.size(1))
+        if n == 0 or rows.shape[0] != mem.shape[0] or rows.shape[2:] != mem.shape[2:] or \
+                rows.dtype != mem.dtype or rows.device != mem.device:
             return None
         current = self._kv_params()
         if len(current) != len(params) or not all(_same(a, b) for a, b in zip(current, params)):
             return None
-        return k[:, :, -m:], v[:, :, -m:]
+        same = (rows[:, -n:] == mem[:, -n:]).flatten(2).all(dim=2).all(dim=0)   # per trailing row
+        if not bool(same.all()):
+            n -= int(torch.nonzero(~same).max()) + 1    # the rows after the last mismatch
+            if n == 0:
+                return None
+        return n, k[:, :, -n:], v[:, :, -n:]
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """``[B, L, H·D]`` -> ``[B, H, L, D]`` (a view)."""
+        return x.unflatten(-1, (self.n_head, self.d_head)).transpose(1, 2)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos_score: Optional[Tensor], mask: Tensor) -> Tensor:
         """softmax(q·kᵀ + rel_shift(pos_score) + mask) · v, returned as ``[B, q, H·D]``.
