@@ -17,8 +17,11 @@ Reported next to it: the step's FLOP/s over the median step time, for uniform to
 in the tails: the adaptive softmax's worst case) and Zipf tokens (most rows in the shortlist), and
 a split of the gap: the time the step's own GEMMs take when replayed alone (each recorded shape,
 timed in isolation), so ``achieved / peak = (GEMM time / step time) × (GEMM FLOP/s / peak)``.
+With ``--reference`` it also times the reference port's step (bench_model's, fused AdamW, a fresh
+process) and reports the speed-up over it and the speed-up our step would have if it were its
+GEMMs alone: an upper bound on what removing everything else could give at these FLOPs.
 
-    .venv/bin/python benchmarks/bench_flops.py      # → benchmarks/results/flops.json
+    .venv/bin/python benchmarks/bench_flops.py --reference    # → benchmarks/results/flops.json
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_model import CUTOFFS, N_TOKEN, SHAPE, ours, sample_tokens  # noqa: E402
+from bench_model import CUTOFFS, N_TOKEN, SHAPE, ours, ref_python, run_child, sample_tokens  # noqa: E402
 from machine import machine_info, write_result  # noqa: E402
 
 GOAL = 0.60  # issue 13: achieved FLOP/s of the step >= 60 % of the fp32 GEMM peak
@@ -204,6 +207,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--tokens", nargs="+", choices=["uniform", "zipf"], default=["uniform", "zipf"])
+    ap.add_argument("--reference", action="store_true",
+                    help="also time the reference port's step (bench_model, fused AdamW, fresh process): the "
+                         "speed-up over it, and its bound if our step were its GEMMs alone")
+    ap.add_argument("--ref-python", help="the port's interpreter (see bench_model)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "flops.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -221,9 +228,19 @@ def main(argv=None) -> dict:
         r["of_peak"] = round(r["gflops_per_s"] / top["gflops"], 3)
         r["of_peak_best_step"] = round(r["gflops_per_s_best_step"] / top["gflops"], 3)
         r["gemm_of_peak"] = round(r["gemm_gflops_per_s"] / top["gflops"], 3)
+        if args.reference:
+            ref = run_child(ref_python(args.ref_python), "ref", kind, argparse.Namespace(
+                threads=args.threads, batch=8, tgt_len=128, mem_len=128, warmup=3, steps=args.steps,
+                optimizer="fused"))
+            r["reference_step_s_median"] = ref["step_s_median"]
+            r["speedup_over_reference"] = round(ref["step_s_median"] / r["step_s_median"], 3)
+            # our step reduced to its GEMMs (replayed alone: optimistic) against the port's whole step
+            r["speedup_bound_gemm_only"] = round(ref["step_s_median"] / r["gemm_replay_s"], 3)
         print(f"{kind:8s} {r['gflops_per_s']:7.1f} GFLOP/s = {r['of_peak']:.0%} of peak "
               f"(GEMMs alone {r['gemm_gflops_per_s']:.1f} GFLOP/s, {r['gemm_share_of_step']:.0%} of the step); "
-              f"analytic/counted {r['analytic_over_counted']:.4f}", file=sys.stderr)
+              f"analytic/counted {r['analytic_over_counted']:.4f}"
+              + (f"; {r['speedup_over_reference']:.2f}x the port, at most {r['speedup_bound_gemm_only']:.2f}x "
+                 f"with nothing but GEMMs" if args.reference else ""), file=sys.stderr)
         if abs(r["analytic_over_counted"] - 1) > 0.01:
             raise SystemExit(f"{kind}: the analytic FLOP count ({r['flops_analytic']:,}) is "
                              f"{r['analytic_over_counted']:.4f}x the profiler's ({r['flops_counted']:,}): "
