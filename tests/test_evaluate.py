@@ -132,11 +132,14 @@ def full_forward_nll(model, tokens: np.ndarray) -> np.ndarray:
         return model(t[:, :-1], t[:, 1:]).nll[0].double().numpy()
 
 
-def test_long_memory_equals_full_length_forward(shards, export_dir, tmp_path):
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_long_memory_equals_full_length_forward(shards, export_dir, tmp_path, kv_cache):
+    """With or without reusing the memory rows' keys and values (eval.kv_cache)."""
     n, tgt, steps = 4, 6, 12
     rep = run_eval(shards, export_dir, tmp_path, f"eval.n_streams={n}", f"eval.tgt_len={tgt}",
                    "eval.mem_len=1000", "eval.warm_tokens=0", f"eval.max_steps={steps}",
-                   f"eval.dump={tmp_path / 'dump.npz'}")
+                   f"eval.dump={tmp_path / 'dump.npz'}", f"eval.kv_cache={str(kv_cache).lower()}")
+    assert rep["kv_cache"] is kv_cache
     x = raw_tokens(shards, "valid")
     L = (len(x) - 1) // n
     got = np.load(tmp_path / "dump.npz")["nll"]
