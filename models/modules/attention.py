@@ -232,8 +232,11 @@ class _MemoryAttention(KernelChoice, nn.Module):
         """
         B, H, qlen, D = q.shape
         klen = k.size(2)
-        if mask.dtype == torch.bool:
-            mask = additive_mask(mask, q.dtype)
+        # Under autocast the projections come out in half precision while the biases added to the
+        # queries and the model's mask stay fp32: compute in the keys' dtype (no-ops otherwise).
+        q = q.to(k.dtype)
+        pos_score = None if pos_score is None else pos_score.to(k.dtype)
+        mask = additive_mask(mask, k.dtype) if mask.dtype == torch.bool else mask.to(k.dtype)
         if choose_attention(pos_score is not None, self.keep_probs, self.kernel) == "sdpa":
             if mask.dim() == 3:
                 mask = mask.unsqueeze(1)        # [B, 1, q, k], broadcast over heads

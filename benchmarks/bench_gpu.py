@@ -1,0 +1,146 @@
+"""Transformer-XL training step on one GPU against NVIDIA's published figures (DeepLearningExamples).
+
+NVIDIA's WikiText-103 base model: 16 layers, d_model 512, 8 heads × 64, d_inner 2048, adaptive
+softmax over 267,735 words (cutoffs [19997, 39997, 199997], div_val 1, tied weights), segment and
+memory 192, local batch 32. Their figures (NGC pytorch-20.06, tokens/s on one A100 40GB):
+41,527 in TF32 and 59,961 with AMP (fp16). This times our TransformerXL on the same shapes:
+forward with the carried memory, backward, clipping at 0.25 and a fused AdamW step (NVIDIA's
+recipe uses LAMB: one more norm per tensor, not a matrix product), in each precision:
+
+* ``tf32``: fp32 weights, TF32 matrix products (what NVIDIA's "FP32/TF32" column measures);
+* ``amp_fp16``: fp32 weights under ``torch.autocast(float16)`` with a GradScaler (their AMP);
+* ``amp_bf16``: the same under bfloat16 (no scaler needed).
+
+Only torch and ``models/`` are imported, so it runs in a bare CUDA image (the lent GPU machine's
+``python3``). Each precision gets a fresh model; median step time after warm-up; peak memory from
+torch's CUDA allocator. On a machine without CUDA it refuses, except with ``--smoke`` (tiny shapes,
+two steps, on the CPU: the same code path, for the test suite).
+
+    python3 benchmarks/bench_gpu.py                 # → benchmarks/results/gpu_<device>.json
+    python3 benchmarks/bench_gpu.py --smoke --out /tmp/gpu_smoke.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from machine import machine_info, write_result  # noqa: E402
+
+from models import ModelConfig, build_model  # noqa: E402
+
+NVIDIA_BASE = dict(n_token=267735, n_layer=16, d_model=512, n_head=8, d_head=64, d_inner=2048,
+                   cutoffs=[19997, 39997, 199997], tgt_len=192, mem_len=192, batch=32)
+SMOKE = dict(n_token=600, n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64,
+             cutoffs=[100, 300], tgt_len=16, mem_len=16, batch=2)
+NVIDIA_TOKENS_PER_S = {"device": "A100 40GB", "tf32": 41527, "amp_fp16": 59961}
+PRECISIONS = ("tf32", "amp_fp16", "amp_bf16")
+
+
+def build(shape: dict, device: torch.device) -> torch.nn.Module:
+    cfg = ModelConfig(n_token=shape["n_token"], n_layer=shape["n_layer"], d_model=shape["d_model"],
+                      n_head=shape["n_head"], d_head=shape["d_head"], d_inner=shape["d_inner"],
+                      dropout=0.1, dropatt=0.0, cutoffs=shape["cutoffs"], div_val=1, tie_weight=True,
+                      tie_projs=[False] + [True] * len(shape["cutoffs"]), tgt_len=shape["tgt_len"],
+                      mem_len=shape["mem_len"])
+    return build_model(cfg).to(device).train()
+
+
+def measure(precision: str, shape: dict, device: torch.device, warmup: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build(shape, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, fused=True)
+    half = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
+    B, T = shape["batch"], shape["tgt_len"]
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, shape["n_token"], (B, (warmup + steps) * T + 1), generator=gen).to(device)
+    memory = model.init_memory(B, device=device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    times, loss = [], None
+    for i in range(warmup + steps):
+        x, y = data[:, i * T: (i + 1) * T], data[:, i * T + 1: (i + 1) * T + 1]
+        sync()
+        t0 = time.perf_counter()
+        amp = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
+        with amp:
+            out = model(x, y, memory)
+        memory = out.memory
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+        loss = out.loss.item()
+    median = statistics.median(times[warmup:])
+    row = {"precision": precision, "step_s_median": round(median, 5),
+           "tokens_per_s": round(B * T / median, 1), "tokens_per_s_best": round(B * T / min(times[warmup:]), 1),
+           "final_loss": round(loss, 4), "n_params": sum(p.numel() for p in model.parameters())}
+    if cuda:
+        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if precision in NVIDIA_TOKENS_PER_S:
+        row["over_nvidia_a100"] = round(row["tokens_per_s"] / NVIDIA_TOKENS_PER_S[precision], 3)
+    del model, opt, data, memory
+    return row
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, CPU allowed (tests the script)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        shape, args.warmup, args.steps = SMOKE, 1, 2
+        # fp16 autocast on CPU is not what the GPU path runs: left to CUDA
+        precisions = [p for p in args.precisions if device.type == "cuda" or p != "amp_fp16"]
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_gpu needs a CUDA device (torch.cuda.is_available() is False); "
+                         "--smoke runs the same code on tiny shapes on the CPU")
+    else:
+        shape, device, precisions = NVIDIA_BASE, torch.device("cuda"), args.precisions
+    runs = {}
+    for p in precisions:
+        runs[p] = measure(p, shape, device, args.warmup, args.steps)
+        print(f"{p:9s} {runs[p]['tokens_per_s']:>10,.0f} tok/s  loss {runs[p]['final_loss']:.3f}"
+              + (f"  {runs[p]['over_nvidia_a100']:.2f}x NVIDIA's A100" if "over_nvidia_a100" in runs[p] else ""),
+              file=sys.stderr)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
+    out = args.out or HERE / "results" / f"gpu_{name}.json"
+    return write_result(out, {
+        "benchmark": "transformer_xl_train_step_gpu_vs_nvidia", "device": gpu,
+        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+        "shape": shape, "smoke": args.smoke, "runs": runs, "nvidia_published": NVIDIA_TOKENS_PER_S,
+        "method": f"{args.warmup} warm-up + {args.steps} timed steps per precision, fresh model each; median; "
+                  "forward + backward + clip 0.25 + fused AdamW; random tokens; memory carried",
+        "machine": machine_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+
+
+if __name__ == "__main__":
+    main()
