@@ -120,6 +120,55 @@ def test_empty_tail_cluster_gets_zero_gradient():
     assert torch.count_nonzero(crit1.out_layers[0].bias.grad[30:]) == 0
 
 
+def _naive_grads(crit, batches):
+    """Parameter and input gradients of sum(nll) over ``batches`` from the definition."""
+    crit.zero_grad()
+    hs = [h.detach().clone().requires_grad_() for h, _ in batches]
+    total = sum(-naive_logprob(crit, h[n], int(t[n])) for h, (_, t) in zip(hs, batches) for n in range(len(t)))
+    total.backward()
+    return {n: p.grad.clone() for n, p in crit.named_parameters()}, [h.grad for h in hs]
+
+
+@pytest.mark.parametrize("div_val", [1, 2])
+def test_reused_logit_buffers_are_never_shared(div_val):
+    """The CPU logit buffers kept between steps: reused after a backward, and every interleaving
+    (two forwards before one backward, a graph dropped unused, a no-grad forward) still gives
+    the gradients of the definition."""
+    crit = _randomise(ProjectedAdaptiveLogSoftmax(V, 16, 16, [10, 30], div_val))
+    torch.manual_seed(5)
+    batches = [(torch.randn(n, 16), torch.randint(0, V, (n,))) for n in (9, 13, 11)]
+
+    def run(*idx):
+        crit.zero_grad()
+        hs = [batches[i][0].clone().requires_grad_() for i in idx]
+        sum(crit.nll(h, batches[i][1]).sum() for h, i in zip(hs, idx)).backward()
+        return {n: p.grad.clone() for n, p in crit.named_parameters()}, [h.grad for h in hs]
+
+    def check(got, idx):
+        want = _naive_grads(crit, [batches[i] for i in idx])
+        for n in want[0]:
+            torch.testing.assert_close(got[0][n], want[0][n], atol=1e-5, rtol=1e-4, msg=n)
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    check(run(0), [0])
+    check(run(1), [1])
+    pool = crit._logit_buffers[0]._free
+    kept = {slot: buf.data_ptr() for slot, buf in pool.items()}
+    assert len(kept) == (3 if div_val == 1 else 1), "a backward gives its buffers back"
+    check(run(1), [1])                       # the same rows again: the kept buffers are lent again
+    assert {slot: buf.data_ptr() for slot, buf in pool.items()} == kept
+    check(run(0, 1), [0, 1])                 # two forwards before one backward
+    crit.nll(batches[2][0].requires_grad_(), batches[2][1]).sum()   # a graph dropped unused
+    batches[2][0].requires_grad_(False)
+    with torch.no_grad():
+        eval_nll = crit.nll(*batches[1])     # no backward will come: given back at once
+    assert crit._logit_buffers[0]._free
+    check(run(1, 2), [1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(crit.nll(*batches[1]), eval_nll, atol=0, rtol=0)
+
+
 def test_fused_backward_refuses_a_second_pass():
     crit = _randomise(ProjectedAdaptiveLogSoftmax(V, 16, 16, [10], 1))
     loss = crit.nll(torch.randn(4, 16, requires_grad=True), torch.tensor([1, 2, 20, 50])).sum()

@@ -31,6 +31,40 @@ def check_cutoffs(n_token: int, cutoffs: List[int], div_val: int, d_embed: int) 
         raise ValueError(f"model.div_val={div_val} leaves the last cluster with width 0 (d_embed={d_embed})")
 
 
+class LogitBuffers:
+    """The fused NLL's fp32 logit buffers, kept from one step to the next (CPU only).
+
+    A fresh ``[rows, vocab]`` logit tensor per step is tens of MiB that the allocator maps
+    anew every time (glibc serves blocks over 32 MiB straight from mmap), and the first
+    write to each page faults: on our CPU VMs about a third more time on the GEMM that
+    fills it, and the port pays the same. Each buffer is lent to one forward and comes back
+    when its backward has run, or at once when none will; a second forward before a
+    backward, or a graph dropped unused, just allocates afresh, so a buffer is never
+    shared. ``backward_expected`` is set by the caller (grad mode is off inside forward).
+    """
+
+    def __init__(self):
+        self._free: dict[int, Tensor] = {}
+        self.backward_expected = False
+
+    def take(self, slot: int, numel: int, like: Tensor) -> Tensor:
+        buf = self._free.pop(slot, None)
+        if buf is None or buf.numel() < numel or buf.device != like.device:
+            buf = torch.empty(numel, dtype=torch.float32, device=like.device)
+        return buf
+
+    def give(self, slot: int, buf: Tensor) -> None:
+        kept = self._free.get(slot)
+        if kept is None or kept.numel() < buf.numel():
+            self._free[slot] = buf
+
+
+def _give_back(ctx) -> None:
+    for slot, buf in ctx.lent:
+        ctx.buffers.give(slot, buf)
+    ctx.lent = []
+
+
 class _SegmentedNLL(torch.autograd.Function):
     """NLL of rows scored against consecutive row ranges of one output matrix, fused.
 
@@ -44,15 +78,21 @@ class _SegmentedNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, bias, extra_weight, extra_bias, bounds, targets, *xs):
+    def forward(ctx, weight, bias, extra_weight, extra_bias, bounds, targets, buffers, *xs):
         saved, outs, head_weight = [], [], None
+        ctx.lent = []
         for i, (x, target) in enumerate(zip(xs, targets)):
             lo, hi = bounds[i], bounds[i + 1]
             w, b = weight[lo:hi], bias[lo:hi]
             if i == 0 and extra_weight is not None:
                 w, b = torch.cat([w, extra_weight]), torch.cat([b, extra_bias])
                 head_weight = w  # kept for the backward instead of concatenating again
-            logits = torch.addmm(b, x, w.t()).float()
+            if buffers is not None and x.dtype == torch.float32:
+                buf = buffers.take(i, x.size(0) * w.size(0), x)
+                ctx.lent.append((i, buf))
+                logits = torch.addmm(b, x, w.t(), out=buf[: x.size(0) * w.size(0)].view(x.size(0), w.size(0)))
+            else:
+                logits = torch.addmm(b, x, w.t()).float()
             picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
             top = logits.amax(dim=1, keepdim=True)
             exp = logits.sub_(top).exp_()  # in place: the logits are not needed any more
@@ -63,7 +103,9 @@ class _SegmentedNLL(torch.autograd.Function):
         ctx.bounds, ctx.n = bounds, len(xs)
         ctx.has_extra = extra_weight is not None
         ctx.save_for_backward(weight, head_weight, *targets, *xs, *saved)
-        ctx.used = False
+        ctx.used, ctx.buffers = False, buffers
+        if buffers is not None and not buffers.backward_expected:
+            _give_back(ctx)   # no backward will read the exponentials
         return tuple(outs)
 
     @staticmethod
@@ -99,12 +141,13 @@ class _SegmentedNLL(torch.autograd.Function):
                     geb = p[:, hi - lo:].sum(0)
             else:
                 w = weight[lo:hi]
-            gxs.append(p.mm(w) if ctx.needs_input_grad[6 + i] else None)
+            gxs.append(p.mm(w) if ctx.needs_input_grad[7 + i] else None)
             if gw is not None:
                 torch.mm(pw.t(), x, out=gw[lo:hi])
             if gb is not None:
                 torch.sum(pw, dim=0, out=gb[lo:hi])
-        return (gw, gb, gew, geb, None, None, *gxs)
+        _give_back(ctx)
+        return (gw, gb, gew, geb, None, None, None, *gxs)
 
 
 class AdaptiveEmbedding(nn.Module):
@@ -153,6 +196,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
         self.cutoffs = list(cutoffs)
         self.cutoff_ends = [0] + list(cutoffs) + [n_token]
+        self._logit_buffers: dict[int, LogitBuffers] = {}   # per output layer; not state
         self.n_clusters = len(cutoffs)
         self.shortlist_size = self.cutoff_ends[1]
         self.head_size = self.shortlist_size + self.n_clusters
@@ -245,8 +289,14 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         else:
             bounds = [0, out.weight.size(0)]
         head = layer == 0 and self.n_clusters > 0
+        buffers = None
+        if xs[0].device.type == "cpu" and not torch.is_autocast_enabled("cpu") and \
+                not torch.compiler.is_compiling():
+            buffers = self._logit_buffers.setdefault(layer, LogitBuffers())
+            buffers.backward_expected = torch.is_grad_enabled() and any(
+                t.requires_grad for t in (out.weight, out.bias, *xs))
         return list(_SegmentedNLL.apply(out.weight, out.bias, self.cluster_weight if head else None,
-                                        self.cluster_bias if head else None, bounds, targets, *xs))
+                                        self.cluster_bias if head else None, bounds, targets, buffers, *xs))
 
     def forward(self, h: Tensor, target: Optional[Tensor] = None, return_logprobs: bool = False):
         """Returns ``(nll or None, logprobs or None)``."""

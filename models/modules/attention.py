@@ -135,7 +135,7 @@ class _MemoryAttention(KernelChoice, nn.Module):
 
     def _heads(self, *parts: Tensor) -> Tensor:
         """``[B, L_i, H·D]`` pieces -> one contiguous ``[B, H, sum L_i, D]`` (a single copy)."""
-        views = [x.unflatten(-1, (self.n_head, self.d_head)).transpose(1, 2) for x in parts]
+        views = [self._split_heads(x) for x in parts]
         return torch.cat(views, dim=2) if len(views) > 1 else views[0].contiguous()
 
     def _project(self, h: Tensor, mem: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
