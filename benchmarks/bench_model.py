@@ -7,6 +7,9 @@ tokens. Each measurement runs in its own fresh process; ours and the port altern
 report gives medians over the repetitions. tokens/s counts batch × tgt_len per step from each
 run's median step time. Memory is the process's peak RSS growth over the RSS just before the
 model is built (``ru_maxrss``, so it includes activations, gradients and optimizer state).
+A shared VM's speed drifts by tens of percent between processes, so the comparison also runs
+both implementations in one process with their steps alternating (``speedup_interleaved``:
+the median ratio of adjacent steps), the figure that holds still from run to run.
 
     make reference-env                                    # .venv-ref with transformers 4.35.2
     .venv/bin/python benchmarks/bench_model.py --against-reference   # → benchmarks/results/model_vs_reference.json
@@ -135,6 +138,41 @@ def measure(args) -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def measure_interleaved(args) -> dict:
+    """Both implementations in this one process (the port's interpreter, our models/ on the
+    path), their steps alternating (who goes first alternates too): each pair of adjacent
+    steps ran under the same machine state, so the median of the per-pair ratios holds
+    still while a shared VM's speed drifts from one process to the next. Peak memory is not
+    comparable here (one process): the fresh-process runs measure it."""
+    torch.set_num_threads(args.threads)
+    steps = args.warmup + args.steps
+    data = sample_tokens(args.tokens, (args.batch, steps * args.tgt_len + 1))
+    sides = {}
+    for impl, build in (("ours", ours), ("ref", reference)):
+        torch.manual_seed(0)
+        model, loss_fn = build(args)
+        opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, **({"fused": True} if args.optimizer == "fused" else {}))
+        sides[impl] = (model, loss_fn, opt, [])
+    for step in range(steps):
+        lo = step * args.tgt_len
+        x, y = data[:, lo: lo + args.tgt_len], data[:, lo + 1: lo + 1 + args.tgt_len]
+        for impl in (("ours", "ref") if step % 2 == 0 else ("ref", "ours")):
+            model, loss_fn, opt, times = sides[impl]
+            t0 = time.perf_counter()
+            loss = loss_fn(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+    ours_t, ref_t = sides["ours"][3][args.warmup:], sides["ref"][3][args.warmup:]
+    ratios = [r / o for o, r in zip(ours_t, ref_t)]
+    return {"impl": "both", "tokens": args.tokens, "pair_speedups": [round(r, 3) for r in ratios],
+            "speedup": round(statistics.median(ratios), 3),
+            "ours_step_s_median": round(statistics.median(ours_t), 4),
+            "ref_step_s_median": round(statistics.median(ref_t), 4)}
+
+
 # ----------------------------------------------------------------------------- comparison
 
 
@@ -179,6 +217,12 @@ def compare(args) -> dict:
                 runs[kind][impl].append(r)
                 print(f"{kind:8s} {impl:9s} {r['tokens_per_s']:8.1f} tok/s  +{r['rss_growth_mib']:7.1f} MiB",
                       file=sys.stderr)
+    paired = {kind: [] for kind in args.distributions}
+    for rep in range(args.interleaved_repeats):
+        for kind in args.distributions:
+            r = run_child(py_ref, "both", kind, args)
+            paired[kind].append(r)
+            print(f"{kind:8s} one process, alternating steps: {r['speedup']:.3f}x", file=sys.stderr)
     table = {}
     for kind, by_impl in runs.items():
         row = {impl: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
@@ -189,6 +233,11 @@ def compare(args) -> dict:
         row["speedup"] = round(row["ours"]["tokens_per_s"] / row["reference"]["tokens_per_s"], 3)
         row["speedup_best_step"] = round(row["ours"]["tokens_per_s_best"] / row["reference"]["tokens_per_s_best"], 3)
         row["memory_ratio"] = round(row["ours"]["rss_growth_mib"] / row["reference"]["rss_growth_mib"], 3)
+        if paired[kind]:
+            pairs = [x for r in paired[kind] for x in r["pair_speedups"]]
+            row["speedup_interleaved"] = round(statistics.median(pairs), 3)
+            row["interleaved_runs"] = [r["speedup"] for r in paired[kind]]
+            row["interleaved_quartiles"] = [round(q, 3) for q in statistics.quantiles(pairs, n=4)]
         table[kind] = row
     return {
         "benchmark": "transformer_xl_train_step_cpu_vs_reference",
@@ -201,7 +250,9 @@ def compare(args) -> dict:
                    "start_memory": "empty"},
         "method": f"{args.repeats} fresh processes per implementation and distribution, alternating; per run "
                   f"{args.warmup} warm-up + {args.steps} timed steps, median step time (and fastest step: "
-                  f"tokens_per_s_best); medians over runs",
+                  f"tokens_per_s_best); medians over runs. speedup_interleaved: {args.interleaved_repeats} "
+                  f"processes per distribution running both, steps alternating; median of the per-pair ratios "
+                  f"(interleaved_quartiles: their quartiles)",
         "threads": args.threads,
         "machine": {**machine_info(), "platform": platform.platform(),
                     "torch": torch.__version__, "load_avg_before": [round(x, 2) for x in load_before],
@@ -215,7 +266,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against-reference", action="store_true",
                     help="ours vs the port in fresh alternating processes (the default without --impl)")
-    ap.add_argument("--impl", choices=["ours", "ref"], help="measure one implementation in this process")
+    ap.add_argument("--impl", choices=["ours", "ref", "both"],
+                    help="measure one implementation in this process (both: alternating steps; the port's interpreter)")
+    ap.add_argument("--interleaved-repeats", type=int, default=3,
+                    help="processes per distribution that run both implementations with alternating steps (0: none)")
     ap.add_argument("--tokens", choices=["uniform", "zipf"], default="uniform", help="with --impl")
     ap.add_argument("--distributions", nargs="+", choices=["uniform", "zipf"], default=["uniform", "zipf"])
     ap.add_argument("--repeats", type=int, default=5)
@@ -233,7 +287,7 @@ def main(argv=None) -> dict:
     if args.impl and args.against_reference:
         ap.error("--impl measures one implementation; --against-reference compares both")
     if args.impl:
-        result = measure(args)
+        result = measure_interleaved(args) if args.impl == "both" else measure(args)
         print(json.dumps(result))
         return result
     result = compare(args)
