@@ -108,6 +108,17 @@ def reference(args):
     return model, loss
 
 
+def train_step(model, loss_fn, opt, x, y) -> tuple[torch.Tensor, float]:
+    """One timed step: forward with the carried memory, backward, clipping, AdamW; (loss, seconds)."""
+    t0 = time.perf_counter()
+    loss = loss_fn(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, time.perf_counter() - t0
+
+
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -121,13 +132,8 @@ def measure(args) -> dict:
     for step in range(steps):
         lo = step * args.tgt_len
         x, y = data[:, lo: lo + args.tgt_len], data[:, lo + 1: lo + 1 + args.tgt_len]
-        t0 = time.perf_counter()
-        loss = loss_fn(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        loss, seconds = train_step(model, loss_fn, opt, x, y)
+        times.append(seconds)
     median = statistics.median(times[args.warmup:])
     return {"impl": args.impl, "tokens": args.tokens, "tokens_per_s": round(args.batch * args.tgt_len / median, 1),
             # the fastest step: less sensitive to other load on a shared machine than the median
@@ -158,13 +164,7 @@ def measure_interleaved(args) -> dict:
         x, y = data[:, lo: lo + args.tgt_len], data[:, lo + 1: lo + 1 + args.tgt_len]
         for impl in (("ours", "ref") if step % 2 == 0 else ("ref", "ours")):
             model, loss_fn, opt, times = sides[impl]
-            t0 = time.perf_counter()
-            loss = loss_fn(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
+            times.append(train_step(model, loss_fn, opt, x, y)[1])
     ours_t, ref_t = sides["ours"][3][args.warmup:], sides["ref"][3][args.warmup:]
     ratios = [r / o for o, r in zip(ours_t, ref_t)]
     return {"impl": "both", "tokens": args.tokens, "pair_speedups": [round(r, 3) for r in ratios],
