@@ -250,3 +250,27 @@ def test_half_precision_nll_is_finite_and_close():
         low = crit.to(torch.bfloat16).nll(h.bfloat16(), target)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     torch.testing.assert_close(low, ref, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("cutoffs", [[], [10, 30]])
+def test_nll_of_a_target_whose_probability_underflows_is_exact(cutoffs):
+    """The CPU path scores from the fp32 softmax, where p = e^-200 is 0; those rows must still
+    get the exact -log p (logsumexp - logit, here against float64) and the right gradient."""
+    crit = _randomise(ProjectedAdaptiveLogSoftmax(V, 16, 16, cutoffs, 1))
+    torch.manual_seed(6)
+    h = torch.randn(6, 16)
+    target = torch.randint(0, V, (6,))
+    with torch.no_grad():   # make row 0's target ~200 nats less likely than the rest
+        logits = h[0] @ crit.out_layers[0].weight.t() + crit.out_layers[0].bias
+        direction = crit.out_layers[0].weight[target[0]] - crit.out_layers[0].weight.mean(0)
+        h[0] -= direction * (200 + logits[target[0]] - logits.min()) / direction.dot(direction)
+    h.requires_grad_()
+    nll = crit.nll(h, target)
+    nll.sum().backward()
+    assert torch.isfinite(nll).all() and nll[0] > 100
+    h64 = h.detach().double().requires_grad_()
+    crit64 = crit.double()
+    ref = torch.stack([-naive_logprob(crit64, h64[n], int(target[n])) for n in range(6)])
+    ref.sum().backward()
+    torch.testing.assert_close(nll.double(), ref.detach(), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-4, rtol=1e-4)

@@ -65,6 +65,32 @@ def _give_back(ctx) -> None:
     ctx.lent = []
 
 
+# Below this probability of the target (2^-100) its fp32 softmax value may have lost precision
+# (exp underflows to subnormals near 1e-38): such rows get their NLL from the logits again.
+_TINY_PROB = 2.0 ** -100
+
+
+def _softmax_in_place(logits: Tensor) -> Tensor:
+    """Row softmax written over ``logits``: torch's CPU kernel takes each row through the cache
+    once (max, sum of exponentials, normalised write), where amax, subtract, exp and sum are four
+    passes over the whole ``[rows, vocab]`` block. Bitwise equal to ``torch.softmax``."""
+    return torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+
+
+def _nll_from_prob(prob: Tensor, target: Tensor, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``-log p[target]`` per row; rows whose ``p[target]`` is below ``_TINY_PROB`` are scored
+    exactly (``logsumexp - logit``) from their logits, recomputed: the same value either way,
+    without fp32 underflow turning a very unlikely target into an infinite loss."""
+    p = prob.gather(1, target.unsqueeze(1)).squeeze(1)
+    nll = -p.log()
+    tiny = p < _TINY_PROB
+    if bool(tiny.any()):      # CPU only: no device synchronisation to pay
+        rows = tiny.nonzero().squeeze(1)
+        logits = torch.addmm(b, x[rows], w.t()).float()
+        nll[rows] = torch.logsumexp(logits, dim=1) - logits.gather(1, target[rows].unsqueeze(1)).squeeze(1)
+    return nll
+
+
 class _SegmentedNLL(torch.autograd.Function):
     """NLL of rows scored against consecutive row ranges of one output matrix, fused.
 
@@ -74,7 +100,8 @@ class _SegmentedNLL(torch.autograd.Function):
     cross_entropy under autograd, the backward writes the gradient of the whole (tied)
     weight once, slice by slice, instead of one zero-filled full-size tensor per slice,
     and turns the saved exponentials into the logit gradient in place, so no extra
-    ``[rows, vocab]`` tensors are allocated. The softmax runs in fp32.
+    ``[rows, vocab]`` tensors are allocated. The softmax runs in fp32 (on CPU in one pass per
+    row, see ``_softmax_in_place``).
     """
 
     @staticmethod
@@ -93,13 +120,18 @@ class _SegmentedNLL(torch.autograd.Function):
                 logits = torch.addmm(b, x, w.t(), out=buf[: x.size(0) * w.size(0)].view(x.size(0), w.size(0)))
             else:
                 logits = torch.addmm(b, x, w.t()).float()
-            picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-            top = logits.amax(dim=1, keepdim=True)
-            exp = logits.sub_(top).exp_()  # in place: the logits are not needed any more
-            total = exp.sum(dim=1)
-            outs.append(total.log() + top.squeeze(1) - picked)
-            # Unnormalised exponentials and 1/sum: the backward scales by g/sum in one pass.
-            saved += [exp, total.reciprocal()]
+            if logits.device.type == "cpu":
+                prob = _softmax_in_place(logits)
+                outs.append(_nll_from_prob(prob, target, x, w, b))
+                saved += [prob, None]       # normalised: the backward scales by g alone
+            else:
+                picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+                top = logits.amax(dim=1, keepdim=True)
+                exp = logits.sub_(top).exp_()  # in place: the logits are not needed any more
+                total = exp.sum(dim=1)
+                outs.append(total.log() + top.squeeze(1) - picked)
+                # Unnormalised exponentials and 1/sum: the backward scales by g/sum in one pass.
+                saved += [exp, total.reciprocal()]
         ctx.bounds, ctx.n = bounds, len(xs)
         ctx.has_extra = extra_weight is not None
         ctx.save_for_backward(weight, head_weight, *targets, *xs, *saved)
@@ -129,7 +161,7 @@ class _SegmentedNLL(torch.autograd.Function):
             if g is None:
                 g = torch.zeros(x.size(0), dtype=exp.dtype, device=exp.device)
             # d nll / d logits = (softmax - onehot) * g, built in the saved buffer.
-            p = exp.mul_((g * inv_total).unsqueeze(1))
+            p = exp.mul_((g if inv_total is None else g * inv_total).unsqueeze(1))
             p.scatter_add_(1, t.unsqueeze(1), -g.unsqueeze(1).to(p.dtype))
             p = p.to(x.dtype)
             pw = p[:, : hi - lo]
