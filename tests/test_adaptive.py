@@ -1,6 +1,7 @@
 """Adaptive input and projected adaptive softmax against a naive per-token formula."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -274,3 +275,63 @@ def test_nll_of_a_target_whose_probability_underflows_is_exact(cutoffs):
     ref.sum().backward()
     torch.testing.assert_close(nll.double(), ref.detach(), atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-4, rtol=1e-4)
+
+
+def _tied_and_untied(**kw):
+    """A tied div_val-1 model and an untied copy holding the same values in two matrices."""
+    torch.manual_seed(7)
+    tied = _model(cutoffs=[10, 30], div_val=1, tie_weight=True, dropout=0.0, mem_len=4, **kw).train()
+    untied = _model(cutoffs=[10, 30], div_val=1, tie_weight=False, dropout=0.0, mem_len=4, **kw).train()
+    untied.load_state_dict(tied.state_dict(), strict=False)
+    untied.crit.out_layers[0].weight.data.copy_(tied.word_emb.emb_layers[0].weight)
+    return tied, untied
+
+
+def _tied_grad(untied):
+    """The tied matrix's gradient by definition: the sum of the two uses' gradients."""
+    return untied.word_emb.emb_layers[0].weight.grad + untied.crit.out_layers[0].weight.grad
+
+
+def test_tied_weight_gradient_is_the_sum_over_both_uses():
+    """The lookup adds its rows into the NLL's gradient of the shared matrix (_TiedLookup):
+    against an untied model with the same values, over two segments with carried memory,
+    two forwards summed into one backward, and a forward whose NLL never runs."""
+    tied, untied = _tied_and_untied()
+    assert tied.word_emb.tied_route.enabled and not untied.word_emb.tied_route.enabled
+    torch.manual_seed(8)
+    x = torch.randint(0, V, (3, 2, 6))          # [segments, batch, len]
+    for m in (tied, untied):
+        mem = m.init_memory(2)
+        for s in range(2):
+            out = m(x[s], x[s].roll(1, 1), mem)
+            mem = out.memory
+            out.loss.backward()
+    w = tied.word_emb.emb_layers[0].weight
+    assert w.grad.layout == torch.strided
+    torch.testing.assert_close(w.grad, _tied_grad(untied), atol=1e-6, rtol=1e-5)
+    untied_params = dict(untied.named_parameters())
+    for n, p in tied.named_parameters():
+        if n != "word_emb.emb_layers.0.weight":
+            torch.testing.assert_close(p.grad, untied_params[n].grad, atol=1e-6, rtol=1e-5, msg=n)
+
+    for m in (tied, untied):                     # two forwards, one backward; the second embedding
+        m.zero_grad()                            # also feeds a loss without the NLL
+        a = m(x[0], x[1], m.init_memory(2))
+        b = m(x[2], None, m.init_memory(2))
+        emb_only = m.word_emb(x[1]).square().mean()
+        (a.loss + emb_only).backward()
+        assert b.loss is None
+    torch.testing.assert_close(w.grad, _tied_grad(untied), atol=1e-6, rtol=1e-5)
+
+
+def test_tied_route_is_left_only_in_cpu_training():
+    tied, _ = _tied_and_untied()
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        tied.word_emb(ids)
+    assert tied.word_emb.tied_route._route is None
+    tied.word_emb(ids)
+    copied = copy.deepcopy(tied)                 # a route in flight is not copied (nor pickled)
+    assert copied.word_emb.tied_route._route is None and copied.crit.tied_route is copied.word_emb.tied_route
+    assert tied.word_emb.tied_route.take(tied.word_emb.emb_layers[0].weight) is not None
+    assert tied.word_emb.tied_route.take(tied.word_emb.emb_layers[0].weight) is None   # once

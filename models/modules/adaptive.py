@@ -98,14 +98,15 @@ class _SegmentedNLL(torch.autograd.Function):
     first segment also against ``extra_weight``, the cluster logits) and returns each row's
     ``logsumexp - logit[target]``. Compared with slicing the weight and calling
     cross_entropy under autograd, the backward writes the gradient of the whole (tied)
-    weight once, slice by slice, instead of one zero-filled full-size tensor per slice,
+    weight once, slice by slice, instead of one zero-filled full-size tensor per slice
+    (to ``route`` when given: the tied embedding's lookup adds its rows there, _TiedLookup),
     and turns the saved exponentials into the logit gradient in place, so no extra
     ``[rows, vocab]`` tensors are allocated. The softmax runs in fp32 (on CPU in one pass per
     row, see ``_softmax_in_place``).
     """
 
     @staticmethod
-    def forward(ctx, weight, bias, extra_weight, extra_bias, bounds, targets, buffers, *xs):
+    def forward(ctx, weight, route, bias, extra_weight, extra_bias, bounds, targets, buffers, *xs):
         saved, outs, head_weight = [], [], None
         ctx.lent = []
         for i, (x, target) in enumerate(zip(xs, targets)):
@@ -120,7 +121,7 @@ class _SegmentedNLL(torch.autograd.Function):
                 logits = torch.addmm(b, x, w.t(), out=buf[: x.size(0) * w.size(0)].view(x.size(0), w.size(0)))
             else:
                 logits = torch.addmm(b, x, w.t()).float()
-            if logits.device.type == "cpu":
+            if logits.device.type == "cpu" and not torch.compiler.is_compiling():   # (Inductor fuses the passes)
                 prob = _softmax_in_place(logits)
                 outs.append(_nll_from_prob(prob, target, x, w, b))
                 saved += [prob, None]       # normalised: the backward scales by g alone
@@ -149,7 +150,8 @@ class _SegmentedNLL(torch.autograd.Function):
         n, bounds = ctx.n, ctx.bounds
         weight, head_weight, *rest = ctx.saved_tensors
         targets, xs, saved = rest[:n], rest[n:2 * n], rest[2 * n:]
-        need_w, need_b, need_ew, need_eb = ctx.needs_input_grad[:4]
+        need_w, need_route, need_b, need_ew, need_eb = ctx.needs_input_grad[:5]
+        need_w = need_w or need_route
         gw = torch.empty_like(weight) if need_w else None
         gb = weight.new_empty(weight.size(0)) if need_b else None
         gew = geb = None
@@ -173,13 +175,69 @@ class _SegmentedNLL(torch.autograd.Function):
                     geb = p[:, hi - lo:].sum(0)
             else:
                 w = weight[lo:hi]
-            gxs.append(p.mm(w) if ctx.needs_input_grad[7 + i] else None)
+            gxs.append(p.mm(w) if ctx.needs_input_grad[8 + i] else None)
             if gw is not None:
                 torch.mm(pw.t(), x, out=gw[lo:hi])
             if gb is not None:
                 torch.sum(pw, dim=0, out=gb[lo:hi])
         _give_back(ctx)
-        return (gw, gb, gew, geb, None, None, None, *gxs)
+        # With a route (see _TiedLookup) the weight's gradient goes there instead.
+        gw, groute = (None, gw) if need_route else (gw, None)
+        return (gw, groute, gb, gew, geb, None, None, None, *gxs)
+
+
+class TiedRoute:
+    """Hands the output layer's gradient route from the embedding's lookup to the NLL of the
+    same forward (see _TiedLookup); shared by a tied pair (tie_adaptive), not state. Only speed
+    depends on the route reaching the NLL: every use of the weight gets its gradient either way."""
+
+    def __init__(self):
+        self.enabled = False
+        self._route: Optional[tuple[Tensor, Tensor]] = None
+
+    def lookup(self, weight: Tensor, ids: Tensor) -> Tensor:
+        """``F.embedding(ids, weight)``, leaving a route for the NLL when it pays (CPU training)."""
+        if not (self.enabled and weight.requires_grad and torch.is_grad_enabled() and weight.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            return F.embedding(ids, weight)
+        out, route = _TiedLookup.apply(weight, ids)
+        self._route = (weight, route)
+        return out
+
+    def __getstate__(self) -> dict:     # copies and pickles carry the switch, never a graph
+        return {"enabled": self.enabled, "_route": None}
+
+    def take(self, weight: Tensor) -> Optional[Tensor]:
+        """The route left for ``weight`` by the last lookup, once; None when there is none."""
+        held, self._route = self._route, None
+        return held[1] if held is not None and held[0] is weight and torch.is_grad_enabled() else None
+
+
+class _TiedLookup(torch.autograd.Function):
+    """Embedding rows of a weight the output layer shares, and a *route*: a stand-in of the
+    weight's shape (no storage of its own) that _SegmentedNLL sends the weight's gradient to.
+    The backward adds the looked-up rows' gradients into that gradient in place, so a step
+    makes one dense ``[vocab, d]`` gradient instead of three (the NLL's, the lookup's zero-filled
+    one and the sum autograd forms of the two): about 4 % of a CPU training step. A route that
+    gets no gradient (the NLL did not use it) is a zero-filled gradient plus the rows, as before.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor):
+        ctx.save_for_backward(ids)
+        ctx.weight_like = (weight.shape, weight.dtype, weight.device)
+        return F.embedding(ids, weight), weight.new_zeros(()).expand(weight.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Optional[Tensor], route_grad: Optional[Tensor]):
+        (ids,) = ctx.saved_tensors
+        # route_grad is _SegmentedNLL's freshly allocated weight gradient, held by nothing else.
+        shape, dtype, device = ctx.weight_like
+        gw = route_grad if route_grad is not None else torch.zeros(shape, dtype=dtype, device=device)
+        if grad is not None:
+            gw.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.size(-1)).to(gw.dtype))
+        return gw, None
 
 
 class AdaptiveEmbedding(nn.Module):
@@ -191,6 +249,7 @@ class AdaptiveEmbedding(nn.Module):
         self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
         self.cutoff_ends = [0] + list(cutoffs) + [n_token]
         self.emb_scale = d_proj ** 0.5
+        self.tied_route = TiedRoute()           # enabled by tie_adaptive; not state
         self.emb_layers = nn.ModuleList()
         self.emb_projs = nn.ParameterList()
         if div_val == 1:
@@ -205,7 +264,7 @@ class AdaptiveEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.div_val == 1:
-            out = self.emb_layers[0](ids)
+            out = self.tied_route.lookup(self.emb_layers[0].weight, ids)
             if len(self.emb_projs):
                 out = F.linear(out, self.emb_projs[0])
             return out * self.emb_scale
@@ -229,6 +288,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         self.cutoffs = list(cutoffs)
         self.cutoff_ends = [0] + list(cutoffs) + [n_token]
         self._logit_buffers: dict[int, LogitBuffers] = {}   # per output layer; not state
+        self.tied_route = TiedRoute()           # the embedding's, when tied (tie_adaptive)
         self.n_clusters = len(cutoffs)
         self.shortlist_size = self.cutoff_ends[1]
         self.head_size = self.shortlist_size + self.n_clusters
@@ -327,7 +387,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             buffers = self._logit_buffers.setdefault(layer, LogitBuffers())
             buffers.backward_expected = torch.is_grad_enabled() and any(
                 t.requires_grad for t in (out.weight, out.bias, *xs))
-        return list(_SegmentedNLL.apply(out.weight, out.bias, self.cluster_weight if head else None,
+        route = self.tied_route.take(out.weight) if layer == 0 and self.div_val == 1 else None
+        return list(_SegmentedNLL.apply(out.weight, route, out.bias, self.cluster_weight if head else None,
                                         self.cluster_bias if head else None, bounds, targets, buffers, *xs))
 
     def forward(self, h: Tensor, target: Optional[Tensor] = None, return_logprobs: bool = False):
@@ -346,6 +407,9 @@ def tie_adaptive(word_emb: AdaptiveEmbedding, crit: ProjectedAdaptiveLogSoftmax,
     if tie_weight:
         for out, emb in zip(crit.out_layers, word_emb.emb_layers):
             out.weight = emb.weight
+        if div_val == 1:        # one shared matrix: its NLL gradient and the lookup's meet (_TiedLookup)
+            crit.tied_route = word_emb.tied_route
+            crit.tied_route.enabled = True
     emb_projs, out_projs = word_emb.emb_projs, crit.out_projs
     for i, tie in enumerate(tie_projs):
         if tie and len(out_projs):
