@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelConfig
-from models.modules.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from models.modules.adaptive import AdaptiveEmbedding, LogitBuffers, ProjectedAdaptiveLogSoftmax
 from models.transformer_xl import TransformerXL
 
 V = 60
@@ -335,3 +335,16 @@ def test_tied_route_is_left_only_in_cpu_training():
     assert copied.word_emb.tied_route._route is None and copied.crit.tied_route is copied.word_emb.tied_route
     assert tied.word_emb.tied_route.take(tied.word_emb.emb_layers[0].weight) is not None
     assert tied.word_emb.tied_route.take(tied.word_emb.emb_layers[0].weight) is None   # once
+
+
+def test_logit_buffers_grow_with_headroom():
+    """A tail cluster's row count varies by a few rows a step: a buffer that must grow takes an
+    eighth more, so the next slightly larger batch reuses it instead of mapping new pages."""
+    bufs, like = LogitBuffers(), torch.empty(0)
+    first = bufs.take(0, 800, like)
+    assert first.numel() == 800                      # the first is exact
+    bufs.give(0, first)
+    grown = bufs.take(0, 810, like)
+    assert grown.numel() == 900 and grown.data_ptr() != first.data_ptr()
+    bufs.give(0, grown)
+    assert bufs.take(0, 890, like).data_ptr() == grown.data_ptr()

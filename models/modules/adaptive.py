@@ -50,6 +50,10 @@ class LogitBuffers:
     def take(self, slot: int, numel: int, like: Tensor) -> Tensor:
         buf = self._free.pop(slot, None)
         if buf is None or buf.numel() < numel or buf.device != like.device:
+            if buf is not None and buf.device == like.device:
+                # A tail cluster's row count varies from step to step: grow by an eighth at
+                # least, or each new largest batch pays the page faults again.
+                numel = max(numel, buf.numel() + buf.numel() // 8)
             buf = torch.empty(numel, dtype=torch.float32, device=like.device)
         return buf
 
