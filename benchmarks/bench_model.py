@@ -58,11 +58,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def sample_tokens(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+def sample_tokens(kind: str, shape: tuple[int, ...], n_token: int = N_TOKEN) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)          # same tokens in both processes (same torch)
     if kind == "uniform":
-        return torch.randint(0, N_TOKEN, shape, generator=gen)
-    probs = 1.0 / torch.arange(1, N_TOKEN + 1, dtype=torch.float64)
+        return torch.randint(0, n_token, shape, generator=gen)
+    probs = 1.0 / torch.arange(1, n_token + 1, dtype=torch.float64)
     n = 1
     for s in shape:
         n *= s

@@ -253,6 +253,24 @@ def test_half_precision_nll_is_finite_and_close():
     torch.testing.assert_close(low, ref, atol=0.15, rtol=0.05)
 
 
+@pytest.mark.parametrize("cutoffs,div_val,d_embed", [c for c in CASES if c[1] > 1 or c[2] != 16])
+def test_autocast_gradients_with_projected_clusters(cutoffs, div_val, d_embed):
+    """Under autocast a projected cluster's rows come out in bf16 while the weights stay fp32:
+    the backward's products must run in one dtype and write fp32 gradients (AMP training)."""
+    crit = _randomise(ProjectedAdaptiveLogSoftmax(V, d_embed, 16, cutoffs, div_val))
+    torch.manual_seed(4)
+    h = torch.randn(40, 16, requires_grad=True)
+    target = torch.randint(0, V, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        crit.nll(h, target).sum().backward()
+    got = {n: p.grad.clone() for n, p in crit.named_parameters() if p.grad is not None}
+    crit.zero_grad()
+    torch.stack([-naive_logprob(crit, h[n], int(target[n])) for n in range(40)]).sum().backward()
+    for n, g in got.items():
+        want = dict(crit.named_parameters())[n].grad
+        assert g.dtype == torch.float32 and (g - want).norm() <= 0.05 * want.norm() + 1e-6, n
+
+
 @pytest.mark.parametrize("cutoffs", [[], [10, 30]])
 def test_nll_of_a_target_whose_probability_underflows_is_exact(cutoffs):
     """The CPU path scores from the fp32 softmax, where p = e^-200 is 0; those rows must still

@@ -234,5 +234,6 @@ def test_gpu_benchmark_script_runs_its_smoke_shapes(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = bench.main(["--smoke", "--out", str(tmp_path / "gpu.json")])
-    assert set(out["runs"]) >= {"tf32", "amp_bf16"} and out["smoke"] is True
+    assert {k.split("/")[1] for k in out["runs"]} >= {"tf32", "amp_bf16"} and out["smoke"] is True
+    assert {r["tokens"] for r in out["runs"].values()} == {"zipf", "uniform"} and out["step_flops"] > 0
     assert all(np.isfinite(r["final_loss"]) and r["tokens_per_s"] > 0 for r in out["runs"].values())

@@ -171,6 +171,8 @@ class _SegmentedNLL(torch.autograd.Function):
             # pᵀ·g) rather than written over the whole [rows, vocab] block: one pass fewer.
             p = exp if inv_total is None else exp.mul_(inv_total.unsqueeze(1))
             p.scatter_add_(1, t.unsqueeze(1), p.new_full((t.numel(), 1), -1.0))
+            # The products run in the rows' dtype: a half x under autocast (a projection's
+            # output) meets fp32 weights, whose gradients are written back in fp32.
             p = p.to(x.dtype)
             g = g.to(x.dtype)
             pw = p[:, : hi - lo]
@@ -183,11 +185,18 @@ class _SegmentedNLL(torch.autograd.Function):
                     geb = p[:, hi - lo:].t().mv(g)
             else:
                 w = weight[lo:hi]
-            gxs.append(p.mm(w).mul_(g.unsqueeze(1)) if ctx.needs_input_grad[8 + i] else None)
+            gxs.append(p.mm(w.to(x.dtype)).mul_(g.unsqueeze(1)) if ctx.needs_input_grad[8 + i] else None)
+            same = x.dtype == weight.dtype
             if gw is not None:
-                torch.mm(pw.t(), xg, out=gw[lo:hi])
+                if same:
+                    torch.mm(pw.t(), xg, out=gw[lo:hi])
+                else:
+                    gw[lo:hi] = pw.t().mm(xg)
             if gb is not None:
-                torch.mv(pw.t(), g, out=gb[lo:hi])
+                if same:
+                    torch.mv(pw.t(), g, out=gb[lo:hi])
+                else:
+                    gb[lo:hi] = pw.t().mv(g)
         _give_back(ctx)
         # With a route (see _TiedLookup) the weight's gradient goes there instead.
         gw, groute = (None, gw) if need_route else (gw, None)
