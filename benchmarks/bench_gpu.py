@@ -64,7 +64,7 @@ def build(shape: dict, device: torch.device) -> torch.nn.Module:
 
 
 def measure(precision: str, tokens: str, shape: dict, device: torch.device, warmup: int, steps: int,
-            compile_: bool = False) -> dict:
+            compile_: bool = False, profile: bool = False) -> dict:
     torch.manual_seed(0)
     cuda = device.type == "cuda"
     if cuda:
@@ -79,30 +79,34 @@ def measure(precision: str, tokens: str, shape: dict, device: torch.device, warm
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
     B, T = shape["batch"], shape["tgt_len"]
     data = sample_tokens(tokens, (B, (warmup + steps) * T + 1), shape["n_token"]).to(device)
-    memory = model.init_memory(B, device=device)
+    state = {"memory": model.init_memory(B, device=device)}
 
     def sync():
         if cuda:
             torch.cuda.synchronize(device)
 
-    times, loss = [], None
-    for i in range(warmup + steps):
+    def step(i: int) -> torch.Tensor:
         x, y = data[:, i * T: (i + 1) * T], data[:, i * T + 1: (i + 1) * T + 1]
-        sync()
-        t0 = time.perf_counter()
         amp = torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
         with amp:
-            out = model(x, y, memory)
-        memory = out.memory
+            out = model(x, y, state["memory"])
+        state["memory"] = out.memory
         scaler.scale(out.loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    times, loss = [], None
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        out_loss = step(i)
         sync()
         times.append(time.perf_counter() - t0)
-        loss = out.loss.item()
+        loss = out_loss.item()
     median = statistics.median(times[warmup:])
     row = {"precision": precision, "tokens": tokens, "compile": compile_, "step_s_median": round(median, 5),
            "tokens_per_s": round(B * T / median, 1), "tokens_per_s_best": round(B * T / min(times[warmup:]), 1),
@@ -112,8 +116,35 @@ def measure(precision: str, tokens: str, shape: dict, device: torch.device, warm
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if precision in NVIDIA_TOKENS_PER_S and not compile_:
         row["over_nvidia_a100"] = round(row["tokens_per_s"] / NVIDIA_TOKENS_PER_S[precision], 3)
-    del model, opt, data, memory
+    if profile:
+        row["profile"] = kernel_profile(step, warmup + steps - PROFILED, sync, median, cuda)
     return row
+
+
+PROFILED = 3     # steps under the profiler (the last ones of the run again: same shapes, memory full)
+
+
+def kernel_profile(step, first: int, sync, step_s: float, cuda: bool) -> dict:
+    """Where a step's time goes on the device: the kernels' summed time per step against the
+    step's unprofiled wall time (a device busy well under 100 % means the host's launches are the
+    bound), kernels launched per step, and the kernels that take the most time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for i in range(first, first + PROFILED):
+            step(i)
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / PROFILED
+    busy = sum(by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+    return {"device_busy_ms_per_step": round(busy, 2), "device_busy_fraction": round(busy / 1e3 / step_s, 3),
+            "kernels_per_step": round(len(kernels) / PROFILED),
+            "top_kernels_ms_per_step": {name[:90]: round(ms, 2) for name, ms in top}}
 
 
 def step_flops(shape: dict, device: torch.device) -> int:
@@ -153,6 +184,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--tokens", nargs="+", choices=TOKENS, default=list(TOKENS))
     ap.add_argument("--compile", action="store_true", help="each run eager and torch.compile'd, in one process")
+    ap.add_argument("--profile", action="store_true", help="per run: device busy time, kernels per step, top kernels")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, CPU allowed (tests the script)")
@@ -174,9 +206,12 @@ def main(argv=None) -> dict:
         for p in precisions:
             for compile_ in (False, True) if args.compile else (False,):
                 key = f"{tokens}/{p}" + ("+compile" if compile_ else "")
-                row = runs[key] = measure(p, tokens, shape, device, args.warmup, args.steps, compile_)
+                row = runs[key] = measure(p, tokens, shape, device, args.warmup, args.steps, compile_,
+                                                   args.profile)
                 print(f"{key:24s} {row['tokens_per_s']:>10,.0f} tok/s  loss {row['final_loss']:.3f}"
-                      + (f"  {row['over_nvidia_a100']:.2f}x NVIDIA's A100" if "over_nvidia_a100" in row else ""),
+                      + (f"  {row['over_nvidia_a100']:.2f}x NVIDIA's A100" if "over_nvidia_a100" in row else "")
+                      + (f"  device busy {row['profile']['device_busy_fraction']:.0%}, "
+                         f"{row['profile']['kernels_per_step']} kernels/step" if args.profile else ""),
                       file=sys.stderr, flush=True)
             if args.compile:
                 runs[f"{tokens}/{p}+compile"]["over_eager"] = round(
@@ -192,7 +227,8 @@ def main(argv=None) -> dict:
             row["achieved_tflops"] = round(achieved / 1e12, 1)
             row["of_matmul_peak"] = round(achieved / peaks[row["precision"]], 3)
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
-    name = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") + ("_compile" if args.compile else "")
+    name = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") + ("_compile" if args.compile else "") \
+        + ("_profile" if args.profile else "")
     out = args.out or HERE / "results" / f"gpu_{name}.json"
     return write_result(out, {
         "benchmark": "transformer_xl_train_step_gpu_vs_nvidia", "device": gpu,

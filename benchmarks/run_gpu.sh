@@ -2,23 +2,29 @@
 # The one prepared script for a lent GPU machine (a bare CUDA image: its python3 has torch, no
 # DeepSpeed or MLflow; only torch and models/ are needed). Each stage is time-boxed so one that
 # hangs cannot take the others' results with it; everything lands in $OUT (default /tmp/gpu_out).
-#   1. benchmarks/bench_gpu.py: NVIDIA's WT103-base step, TF32 / AMP fp16 / AMP bf16, Zipf and uniform tokens
-#   2. tests/test_cuda.py: every family's CUDA path against its reference (fp32, bf16, fp16)
-#   3. bench_gpu.py --compile: AMP bf16 eager vs torch.compile, in one process
+#   bench    benchmarks/bench_gpu.py: NVIDIA's WT103-base step, TF32 / AMP fp16 / AMP bf16, Zipf and uniform
+#   tests    tests/test_cuda.py: every family's CUDA path against its reference (fp32, bf16, fp16)
+#   compile  bench_gpu.py --compile: AMP bf16 eager vs torch.compile, in one process (~80 s of compiling)
+#   profile  bench_gpu.py --profile: device busy time per step, kernels per step, the top kernels
+# STAGES="tests profile" bash benchmarks/run_gpu.sh runs a subset (all four by default, ~4 min on an H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 PY=${PY:-python3}
+STAGES=" ${STAGES:-bench tests compile profile} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-{ nvidia-smi; nvidia-smi -q -d CLOCK | head -40; "$PY" -c "import torch; print(torch.__version__, torch.version.cuda)"; } \
-  >"$OUT/nvidia_smi.txt" 2>&1
-timeout "${BENCH_S:-150}" "$PY" benchmarks/bench_gpu.py --out "$OUT/gpu_nvidia_h200.json" >"$OUT/bench.log" 2>&1
-echo "bench_gpu rc=$?"
-timeout "${TESTS_S:-100}" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rfE -s --junitxml="$OUT/test_cuda.xml" \
-  >"$OUT/test_cuda.log" 2>&1
-echo "test_cuda rc=$?"
-timeout "${COMPILE_S:-150}" "$PY" benchmarks/bench_gpu.py --compile --tokens zipf --precisions amp_bf16 \
-  --out "$OUT/gpu_nvidia_h200_compile.json" >"$OUT/compile.log" 2>&1
-echo "compile rc=$?"
-tail -n 15 "$OUT/bench.log" "$OUT/test_cuda.log" "$OUT/compile.log"
+{ nvidia-smi; "$PY" -c "import torch; print(torch.__version__, torch.version.cuda)"; } >"$OUT/nvidia_smi.txt" 2>&1
+stage() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  [[ $STAGES == *" $name "* ]] || return 0
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "$name rc=$?"
+}
+stage bench 150 "$PY" benchmarks/bench_gpu.py --out "$OUT/gpu_nvidia_h200.json"
+stage tests 100 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rfE -s --junitxml="$OUT/test_cuda.xml"
+stage compile 150 "$PY" benchmarks/bench_gpu.py --compile --tokens zipf --precisions amp_bf16 \
+  --out "$OUT/gpu_nvidia_h200_compile.json"
+stage profile 100 "$PY" benchmarks/bench_gpu.py --profile --tokens zipf --precisions tf32 amp_bf16 --steps 20 \
+  --out "$OUT/gpu_nvidia_h200_profile.json"
+for f in "$OUT"/*.log; do echo "== $f"; grep -E "tok/s|passed|failed|Error" "$f" | tail -n 12; done

@@ -70,9 +70,11 @@ def sequence(case: str, batch: int = 3) -> torch.Tensor:
     return torch.randint(0, V, (batch, spec.segment * spec.n_segments + 1), generator=g)
 
 
-def stream(model: LanguageModel, segment: int, toks: torch.Tensor, dtype=None, backward: bool = False):
+def stream(model: LanguageModel, segment: int, toks: torch.Tensor, dtype=None, backward: bool = False,
+           scale: float = 1.0):
     """Per-token NLL fed segment by segment with the memory carried (on the model's device), and
-    with ``backward`` each segment's objective backpropagated (truncated BPTT: gradients summed)."""
+    with ``backward`` each segment's objective, times ``scale``, backpropagated (truncated BPTT:
+    gradients summed)."""
     device = next(model.parameters()).device
     toks = toks.to(device)
     memory = model.init_memory(toks.size(0), device=device)
@@ -81,22 +83,21 @@ def stream(model: LanguageModel, segment: int, toks: torch.Tensor, dtype=None, b
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(toks[:, i: i + segment], toks[:, i + 1: i + 1 + segment], memory=memory)
         if backward:
-            out.objective.backward()
+            (out.objective * scale).backward()
         nlls.append(out.nll.detach().float().cpu())
         memory = out.memory
     return torch.cat(nlls, dim=1)
 
 
-def grad_errors(ref: LanguageModel, dev: LanguageModel) -> dict[str, float]:
-    """Per parameter: ‖g_dev − g_ref‖ / ‖g_ref‖ (the CPU gradient the yardstick)."""
+def grad_errors(ref: LanguageModel, dev: LanguageModel, scale: float = 1.0) -> dict[str, float]:
+    """Per parameter: ‖g_dev / scale − g_ref‖ / ‖g_ref‖ (the CPU gradient the yardstick)."""
     errors = {}
     for (name, r), (_, d) in zip(ref.named_parameters(), dev.named_parameters()):
         assert (r.grad is None) == (d.grad is None), f"{name}: a gradient on one device only"
         if r.grad is None:
             continue
         assert torch.isfinite(d.grad).all(), f"{name}: non-finite gradient on {DEVICE}"
-        scale = r.grad.norm().item()
-        errors[name] = (d.grad.float().cpu() - r.grad).norm().item() / max(scale, 1e-12)
+        errors[name] = (d.grad.float().cpu() / scale - r.grad).norm().item() / max(r.grad.norm().item(), 1e-12)
     return errors
 
 
@@ -124,18 +125,23 @@ def test_fp32_gradients_equal_the_cpu_run(case):
 
 
 # Half precision, both ways the pipeline's users run it: autocast over fp32 weights (AMP) and the
-# weights themselves in half (DeepSpeed's bf16/fp16 modes). Bounds: (NLL mean, NLL max, gradient)
-# differences from the fp32 reference. Measured on CPU in bf16 (NLL about 3.6): at most 0.015 /
-# 0.055; the gradients' relative norm error up to 0.17 (the Compressive Transformer's r_w_bias:
-# a sum over every position, where rounding does not cancel).
-HALF = {"bf16": (torch.bfloat16, 0.05, 0.25, 0.3), "fp16": (torch.float16, 0.01, 0.05, 0.05)}
+# weights themselves in half (DeepSpeed's bf16/fp16 modes). Bounds on the NLL's mean and max
+# difference from the fp32 reference (NLL about 3.6), and the loss scale: fp16 trains with one
+# (GradScaler, DeepSpeed's dynamic scale) because its smallest normal is 6e-5, and these tiny
+# models' positional-weight gradients underflow without it (on an H200, unscaled: the
+# Transformer-XL's r_net.weight off by 121 %). Measured (CPU bf16; H200 bf16 and fp16): NLL
+# differences at most 0.015 / 0.055 in bf16, 0.002 / 0.009 in fp16.
+HALF = {"bf16": (torch.bfloat16, 0.05, 0.25, 1.0), "fp16": (torch.float16, 0.01, 0.05, 2.0 ** 12)}
+# The gradients' relative norm error: up to 0.17 in either dtype (the Compressive Transformer's
+# r_w_bias, a sum over every position where rounding does not cancel); a wrong path is off by ~1.
+GRAD_TOL = 0.3
 
 
 @cases
 @pytest.mark.parametrize("mode", ["autocast", "weights"])
 @pytest.mark.parametrize("half", sorted(HALF))
 def test_half_precision_stays_close_to_the_reference(case, half, mode):
-    dtype, mean_tol, max_tol, grad_tol = HALF[half]
+    dtype, mean_tol, max_tol, scale = HALF[half]
     if DEVICE.type == "cpu" and dtype == torch.float16:
         pytest.skip("fp16 is the CUDA path")
     ref, dev, segment = pair(case)
@@ -152,11 +158,11 @@ def test_half_precision_stays_close_to_the_reference(case, half, mode):
         f"{case} {half} {mode}: NLL off by mean {diff.mean():.4f} max {diff.max():.4f}"
     ref.train(), dev.train()
     stream(ref, segment, toks, backward=True)
-    stream(dev, segment, toks, dtype=autocast, backward=True)
-    errors = grad_errors(ref, dev)
+    stream(dev, segment, toks, dtype=autocast, backward=True, scale=scale)
+    errors = grad_errors(ref, dev, scale)
     worst = max(errors, key=errors.get)
     print(f"{case} {half} {mode}: NLL mean {diff.mean():.4f} max {diff.max():.4f}; grad {worst} {errors[worst]:.2e}")
-    assert errors[worst] < grad_tol, f"{case} {half} {mode}: {worst} off by {errors[worst]:.2e} (relative norm)"
+    assert errors[worst] < GRAD_TOL, f"{case} {half} {mode}: {worst} off by {errors[worst]:.2e} (relative norm)"
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
