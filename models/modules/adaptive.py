@@ -113,6 +113,7 @@ class _SegmentedNLL(torch.autograd.Function):
     def forward(ctx, weight, route, bias, extra_weight, extra_bias, bounds, targets, buffers, *xs):
         saved, outs, head_weight = [], [], None
         ctx.lent = []
+        ctx.dtype = torch.float32
         for i, (x, target) in enumerate(zip(xs, targets)):
             lo, hi = bounds[i], bounds[i + 1]
             w, b = weight[lo:hi], bias[lo:hi]
@@ -124,7 +125,9 @@ class _SegmentedNLL(torch.autograd.Function):
                 ctx.lent.append((i, buf))
                 logits = torch.addmm(b, x, w.t(), out=buf[: x.size(0) * w.size(0)].view(x.size(0), w.size(0)))
             else:
-                logits = torch.addmm(b, x, w.t()).float()
+                logits = torch.addmm(b, x, w.t())
+                ctx.dtype = logits.dtype   # autocast's: the backward's products run in it too
+                logits = logits.float()
             if logits.device.type == "cpu" and not torch.compiler.is_compiling():   # (Inductor fuses the passes)
                 prob = _softmax_in_place(logits)
                 outs.append(_nll_from_prob(prob, target, x, w, b))
@@ -171,22 +174,23 @@ class _SegmentedNLL(torch.autograd.Function):
             # pᵀ·g) rather than written over the whole [rows, vocab] block: one pass fewer.
             p = exp if inv_total is None else exp.mul_(inv_total.unsqueeze(1))
             p.scatter_add_(1, t.unsqueeze(1), p.new_full((t.numel(), 1), -1.0))
-            # The products run in the rows' dtype: a half x under autocast (a projection's
-            # output) meets fp32 weights, whose gradients are written back in fp32.
-            p = p.to(x.dtype)
-            g = g.to(x.dtype)
+            # The products run in the forward's dtype (under autocast, half: on a GPU, tensor
+            # cores rather than fp32 SIMT for the largest products of the step), the rows and
+            # weights cast to it; gradients of fp32 weights are written back in fp32.
+            c = ctx.dtype
+            p, g, x = p.to(c), g.to(c), x.to(c)
             pw = p[:, : hi - lo]
             xg = x * g.unsqueeze(1) if gw is not None or need_ew else None
             if i == 0 and ctx.has_extra:
                 w = head_weight
                 if need_ew:
-                    gew = p[:, hi - lo:].t().mm(xg)
+                    gew = p[:, hi - lo:].t().mm(xg).to(head_weight.dtype)
                 if need_eb:
-                    geb = p[:, hi - lo:].t().mv(g)
+                    geb = p[:, hi - lo:].t().mv(g).to(head_weight.dtype)
             else:
                 w = weight[lo:hi]
-            gxs.append(p.mm(w.to(x.dtype)).mul_(g.unsqueeze(1)) if ctx.needs_input_grad[8 + i] else None)
-            same = x.dtype == weight.dtype
+            gxs.append(p.mm(w.to(c)).mul_(g.unsqueeze(1)).to(xs[i].dtype) if ctx.needs_input_grad[8 + i] else None)
+            same = c == weight.dtype
             if gw is not None:
                 if same:
                     torch.mm(pw.t(), xg, out=gw[lo:hi])
