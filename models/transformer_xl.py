@@ -426,7 +426,7 @@ def _check_ids(name: str, ids: Tensor, n_token: int) -> None:
         raise TypeError(f"{name} must be an integer tensor (LongTensor), got {ids.dtype}")
     if ids.numel() == 0:
         return
-    if ids.device.type == "cpu":
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():   # (traced: the async check, no break)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= n_token:
             bad = lo if lo < 0 else hi

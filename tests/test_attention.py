@@ -53,6 +53,18 @@ def test_rel_shift_accepts_permuted_leading_dims():
     torch.testing.assert_close(out.masked_fill(mask, 0), ref.masked_fill(mask, 0), rtol=0, atol=0)
 
 
+def test_rel_shift_traced_equals_eager_with_gradients():
+    """Under torch.compile rel_shift is plain view ops (no autograd.Function reading the storage
+    offset, which dynamo breaks the graph on): the same values and gradients."""
+    x = torch.randn(2, 3, 4, 9, requires_grad=True)
+    g = torch.randn(2, 3, 4, 8)
+    traced = torch.compile(rel_shift, backend="aot_eager", fullgraph=True)
+    out = traced(x)
+    (grad_traced,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(out, rel_shift(x), rtol=0, atol=0)
+    torch.testing.assert_close(grad_traced, torch.autograd.grad(rel_shift(x), x, g)[0], rtol=0, atol=0)
+
+
 def reference_mask(qlen, mlen, mem_len, same_length, keys):
     """The reference constructions (kimiyoung/HF: mask_len = klen - mem_len; NVIDIA: - 1),
     written as triu + tril of ones as they do; True = masked."""

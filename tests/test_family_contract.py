@@ -394,3 +394,23 @@ def test_document_length_rides_in_memory_and_round_trips(family):
     assert out.memory.doc_len.tolist() == [seg, UNBOUNDED, 1]
     again = type(out.memory).from_state_dict(out.memory.state_dict())
     assert torch.equal(again.doc_len, out.memory.doc_len)
+
+
+# Families whose training forward traces into one graph (train.compile: the whole model fused);
+# the LSTM's fused nn.LSTM is opaque to dynamo, and GPT-2's graph is transformers' to keep.
+ONE_GRAPH = ["transformer_xl", "vanilla", "compressive", "infinite_former"]
+
+
+@pytest.mark.parametrize("family", ONE_GRAPH)
+def test_training_forward_traces_without_graph_breaks(family):
+    """torch.compile sees the whole training forward with full memory (dropout on, CPU) as one
+    graph: no host reads (token-id checks, dropout's CPU mask), no opaque autograd.Function."""
+    model, spec = make(family)
+    model.train()
+    toks = tokens(spec)
+    _, memory = stream(model, spec, toks[:, : 2 * spec.segment + 1])
+    i = 2 * spec.segment
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda a, b, m: model(a, b, memory=m).objective)(
+        toks[:, i: i + spec.segment], toks[:, i + 1: i + 1 + spec.segment], memory)
+    assert explained.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in explained.break_reasons]

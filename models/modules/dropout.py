@@ -38,6 +38,6 @@ class Dropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or self.inplace:
+        if x.device.type != "cpu" or self.inplace or torch.compiler.is_compiling():   # (traced: Inductor's RNG)
             return F.dropout(x, self.p, True, self.inplace)
         return cpu_dropout(x, self.p)

@@ -41,6 +41,11 @@ def rel_shift(x: Tensor) -> Tensor:
     ``qlen - i`` columns into row i of x, i.e. flat offset ``qlen + i*klen``. Entries with
     ``j > mlen + i`` (future keys) read unrelated values and must be masked.
     """
+    if torch.compiler.is_compiling():
+        # Traced, the same view as plain view ops (dynamo does not follow the storage offset
+        # that _RelShift reads: a graph break per layer), and autograd's slice backward.
+        qlen = x.size(-2)
+        return x.flatten(-2)[..., qlen:].unflatten(-1, (qlen, x.size(-1) - 1))
     return _RelShift.apply(x)
 
 
