@@ -114,7 +114,7 @@ def measure(precision: str, tokens: str, shape: dict, device: torch.device, warm
            "n_params": sum(p.numel() for p in model.parameters())}
     if cuda:
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if precision in NVIDIA_TOKENS_PER_S and not compile_:
+    if precision in NVIDIA_TOKENS_PER_S and not compile_ and shape == NVIDIA_BASE:
         row["over_nvidia_a100"] = round(row["tokens_per_s"] / NVIDIA_TOKENS_PER_S[precision], 3)
     if profile:
         row["profile"] = kernel_profile(step, warmup + steps - PROFILED, sync, median, cuda)
@@ -185,6 +185,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", nargs="+", choices=TOKENS, default=list(TOKENS))
     ap.add_argument("--compile", action="store_true", help="each run eager and torch.compile'd, in one process")
     ap.add_argument("--profile", action="store_true", help="per run: device busy time, kernels per step, top kernels")
+    ap.add_argument("--batch", type=int, help=f"batch per GPU instead of NVIDIA's {NVIDIA_BASE['batch']} "
+                    "(a larger one shows how much of the step is launch overhead)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, CPU allowed (tests the script)")
@@ -199,7 +201,9 @@ def main(argv=None) -> dict:
         raise SystemExit("bench_gpu needs a CUDA device (torch.cuda.is_available() is False); "
                          "--smoke runs the same code on tiny shapes on the CPU")
     else:
-        shape, device, precisions = NVIDIA_BASE, torch.device("cuda"), args.precisions
+        shape, device, precisions = dict(NVIDIA_BASE), torch.device("cuda"), args.precisions
+        if args.batch:
+            shape["batch"] = args.batch
     cuda = device.type == "cuda"
     runs = {}
     for tokens in args.tokens:
@@ -228,7 +232,7 @@ def main(argv=None) -> dict:
             row["of_matmul_peak"] = round(achieved / peaks[row["precision"]], 3)
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     name = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") + ("_compile" if args.compile else "") \
-        + ("_profile" if args.profile else "")
+        + ("_profile" if args.profile else "") + (f"_batch{args.batch}" if args.batch else "")
     out = args.out or HERE / "results" / f"gpu_{name}.json"
     return write_result(out, {
         "benchmark": "transformer_xl_train_step_gpu_vs_nvidia", "device": gpu,

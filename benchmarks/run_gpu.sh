@@ -6,7 +6,11 @@
 #   tests    tests/test_cuda.py: every family's CUDA path against its reference (fp32, bf16, fp16)
 #   compile  bench_gpu.py --compile: AMP bf16 eager vs torch.compile, in one process (~80 s of compiling)
 #   profile  bench_gpu.py --profile: device busy time per step, kernels per step, the top kernels
-# STAGES="tests profile" bash benchmarks/run_gpu.sh runs a subset (all four by default, ~4 min on an H200).
+#   batch    bench_gpu.py --batch 128: TF32 and AMP bf16 at 4x NVIDIA's batch (is the step launch-bound?)
+#   cpu      benchmarks/bench_flops.py on the host's CPU (an Intel Xeon with AMX on the H200 machines seen
+#            so far; ours only, 2 threads: the port needs transformers 4.35, which the image lacks)
+# STAGES="tests profile" bash benchmarks/run_gpu.sh runs a subset (the first four by default, ~4 min
+# on an H200; batch ~1 min, cpu ~2 min more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -27,4 +31,7 @@ stage compile 150 "$PY" benchmarks/bench_gpu.py --compile --tokens zipf --precis
   --out "$OUT/gpu_nvidia_h200_compile.json"
 stage profile 100 "$PY" benchmarks/bench_gpu.py --profile --tokens zipf --precisions tf32 amp_bf16 --steps 20 \
   --out "$OUT/gpu_nvidia_h200_profile.json"
+stage batch 120 "$PY" benchmarks/bench_gpu.py --batch 128 --tokens zipf --precisions tf32 amp_bf16 \
+  --out "$OUT/gpu_nvidia_h200_batch128.json"
+stage cpu 240 "$PY" benchmarks/bench_flops.py --threads 2 --out "$OUT/flops_gpu_host.json"
 for f in "$OUT"/*.log; do echo "== $f"; grep -E "tok/s|passed|failed|Error" "$f" | tail -n 12; done
