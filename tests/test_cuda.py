@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from test_family_contract import SPECS, V
+from test_family_contract import SPECS, tokens
 
 from models import REGISTRY, LanguageModel, build_model
 from models.modules.attention import set_attention_kernel
@@ -64,10 +64,8 @@ def pair(case: str) -> tuple[LanguageModel, LanguageModel, int]:
     return ref, dev, SPECS[family].segment
 
 
-def sequence(case: str, batch: int = 3) -> torch.Tensor:
-    spec = SPECS[CASES[case][0]]
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, V, (batch, spec.segment * spec.n_segments + 1), generator=g)
+def sequence(case: str) -> torch.Tensor:
+    return tokens(SPECS[CASES[case][0]])      # the contract's tokens for the case's family
 
 
 def stream(model: LanguageModel, segment: int, toks: torch.Tensor, dtype=None, backward: bool = False,
